@@ -1,0 +1,3 @@
+from amusd_viz.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""A causal LM with its KV cache, fed incrementally.
+
+`ids` is exactly what the cache holds. `forward(seq, n)` keeps the longest cached prefix of `seq`,
+crops the rest (that *is* the rollback: dropped tokens leave the cache, nothing is fed twice),
+feeds what is missing and returns logits for the last `n` positions of `seq`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import DynamicCache
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Runner:
+    def __init__(self, model, device: str, tokenizer=None, top_k: int = 5) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.tokenizer = tokenizer
+        self.top_k = top_k
+        self.ids: list[int] = []
+        self.cache: DynamicCache | None = None
+        self._texts: dict[int, str] = {}
+        self.is_cuda = self.device.type == "cuda"
+
+    def reset(self) -> None:
+        self.ids = []
+        self.cache = DynamicCache(config=self.model.config)
+
+    def crop(self, keep: int) -> None:
+        drop = len(self.ids) - keep
+        if drop > 0:
+            assert self.cache is not None
+            self.cache.crop(-drop)
+            del self.ids[keep:]
+
+    @torch.inference_mode()
+    def forward(self, seq: list[int], n_logits: int = 1) -> tuple[torch.Tensor, int, int, int]:
+        """Returns (float32 logits [n_logits, vocab], tokens fed, start_ns, end_ns)."""
+        if self.cache is None:
+            self.reset()
+        keep = min(common_prefix(self.ids, seq), len(seq) - n_logits)
+        self.crop(keep)
+        feed = seq[keep:]
+        start = time.perf_counter_ns()
+        out = self.model(
+            input_ids=torch.tensor([feed], dtype=torch.long, device=self.device),
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=n_logits,
+        )
+        logits = out.logits[0, -n_logits:].float()
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)  # stamp the end of the real work, not the launch
+        end = time.perf_counter_ns()
+        self.ids.extend(feed)
+        return logits, len(feed), start, end
+
+    def text(self, token_id: int) -> str:
+        if token_id not in self._texts:
+            self._texts[token_id] = self.tokenizer.decode([token_id]) if self.tokenizer else str(token_id)
+        return self._texts[token_id]
+
+    def top(self, logits_row: torch.Tensor) -> list[dict]:
+        """The top candidates at one position, with probabilities."""
+        probs = torch.softmax(logits_row, dim=-1)
+        p, idx = torch.topk(probs, self.top_k)
+        return [{"id": int(i), "text": self.text(int(i)), "p": round(float(q), 4)}
+                for q, i in zip(p.tolist(), idx.tolist())]

@@ -1,0 +1,113 @@
+"""A model worker: one OS process on one device. Loads its model(s) once, then serves
+generation requests, putting events and control messages on the event queue.
+
+Nothing heavy is imported at module level: the process pins itself to its device first, so torch
+starts with the right thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: str  # "target" or "draft" (the sync worker is a "target" that also holds the draft)
+    strategy: str  # ar | sync | amusd
+    device: str
+    dtype: str
+    target_src: str | None
+    draft_src: str | None
+    t0_ns: int
+    fault: str = ""  # tests only: "die_after:N" exits the process after N forward passes
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the coordinator dies, so no orphan survives it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+def _load(src: str, dtype_name: str, device: str, tokenizer=None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from amusd_viz.engine.runner import Runner
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype_name))
+    model.to(device).eval()
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(src)
+    return Runner(model, device if device != "cpu" else "cpu", tokenizer)
+
+
+def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator owns Ctrl+C
+    _die_with_parent()
+    role = spec.role
+    try:
+        from amusd_viz.engine.devices import enter_device, parse_device
+
+        device = parse_device(spec.device)
+        enter_device(device)
+        from amusd_viz.events import WorkerReady
+        from amusd_viz.engine import loops
+
+        start = time.perf_counter_ns()
+        target = draft = None
+        if spec.target_src:
+            target = _load(spec.target_src, spec.dtype, device.torch_device)
+        if spec.draft_src:
+            draft = _load(spec.draft_src, spec.dtype, device.torch_device,
+                          target.tokenizer if target else None)
+        now = time.perf_counter_ns()
+        load_s = (now - start) / 1e9
+        for r, runner in (("target", target), ("draft", draft)):
+            if runner is not None:
+                events.put(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=r, device=str(device),
+                                       pid=os.getpid(), load_s=load_s))
+        events.put(("ready", role))
+
+        emit = _fault_injector(spec, events.put)
+        while True:
+            msg = requests.get()
+            if msg is None:
+                break
+            run_id, req = msg
+            if spec.strategy == "ar":
+                result = loops.ar_loop(req, target, str(device), emit)
+            elif spec.strategy == "sync":
+                result = loops.sync_loop(req, target, draft, str(device), emit)
+            elif role == "target":
+                result = loops.amusd_target_loop(req, target, str(device), shared, emit)
+            else:
+                result = loops.amusd_draft_loop(req, draft, str(device), shared, emit)
+            events.put(("done", role, run_id, result))
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, never swallowed
+        events.put(("failed", role, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def _fault_injector(spec: WorkerSpec, put):
+    """Tests inject a worker death after N forward passes; in normal runs this is `put` itself."""
+    if not spec.fault.startswith("die_after:"):
+        return put
+    limit = int(spec.fault.split(":", 1)[1])
+    count = 0
+
+    def put_and_maybe_die(event):
+        nonlocal count
+        put(event)
+        if getattr(event, "type", "") == "forward" and event.role == spec.role:
+            count += 1
+            if count >= limit:
+                os._exit(9)
+
+    return put_and_maybe_die

@@ -1,0 +1,162 @@
+"""JSONL event logs: writing as a run goes, reading back with clear errors. No torch, no textual."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import IO
+
+from pydantic import ValidationError
+
+from amusd_viz import __version__
+from amusd_viz.errors import UserError
+from amusd_viz.events import EVENT_TYPES, SCHEMA_VERSION, Header, _Event, event_adapter
+
+_PACKAGES = ("torch", "transformers", "textual", "pydantic", "plotext")
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def make_header(config: dict | None = None) -> Header:
+    return Header(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        amusd_viz=__version__,
+        machine=machine_info(),
+        packages=package_versions(),
+        config=config or {},
+    )
+
+
+class JsonlRecorder:
+    """An event sink that appends one JSON object a line and flushes each, so a crash leaves a
+    valid log up to the crash."""
+
+    def __init__(self, path: str | os.PathLike, header: Header) -> None:
+        self.path = Path(path)
+        try:
+            self._file: IO[str] = open(self.path, "w", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot write the event log {self.path}: {exc.strerror}. "
+                            "Choose a writable path with --events.") from None
+        self._write(header.model_dump(mode="json"))
+
+    def _write(self, obj: dict) -> None:
+        self._file.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def emit(self, event: _Event) -> None:
+        if not self._file.closed:
+            self._write(event.model_dump(mode="json"))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class EventLog:
+    header: Header
+    events: list[_Event]
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_log(path: str | os.PathLike) -> EventLog:
+    """Read and validate a log. A bad line is a UserError naming its line number; a torn last
+    line (a crash mid-write) is dropped with a warning."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"no such event log: {path}. Record one with --events FILE.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read the event log {path}: {exc}") from None
+    return parse_log(raw, str(path))
+
+
+def parse_log(raw: str, name: str = "<log>") -> EventLog:
+    lines = raw.splitlines()
+    torn_tail = bool(raw) and not raw.endswith("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise UserError(f"{name} is empty: it is not an amusd-viz event log.")
+    warnings: list[str] = []
+
+    def load(lineno: int, text: str) -> dict | None:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if lineno == len(lines) and torn_tail:
+                warnings.append(f"{name}:{lineno}: the last line is cut short (a crash?); "
+                                "using the events before it")
+                return None
+            raise UserError(f"{name}:{lineno}: not valid JSON ({exc.msg}). "
+                            "Is this an amusd-viz event log?") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}.")
+        return obj
+
+    first = load(1, lines[0])
+    if first is None or first.get("type") != "header":
+        raise UserError(f"{name}:1: missing header line (type 'header' with schema_version). "
+                        "Is this an amusd-viz event log?")
+    version = first.get("schema_version")
+    if not isinstance(version, int):
+        raise UserError(f"{name}:1: the header has no integer schema_version.")
+    if version > SCHEMA_VERSION:
+        raise UserError(f"{name}:1: schema_version {version} is newer than this amusd-viz reads "
+                        f"({SCHEMA_VERSION}). Upgrade amusd-viz to read it.")
+    try:
+        header = Header.model_validate(first)
+    except ValidationError as exc:
+        raise UserError(f"{name}:1: bad header: {_first_problem(exc)}") from None
+
+    events: list[_Event] = []
+    for lineno, text in enumerate(lines[1:], start=2):
+        if not text.strip():
+            continue
+        obj = load(lineno, text)
+        if obj is None:
+            break
+        kind = obj.get("type")
+        if kind not in EVENT_TYPES:
+            raise UserError(f"{name}:{lineno}: unknown event type {kind!r}. Known types: "
+                            f"{', '.join(sorted(EVENT_TYPES))}.")
+        try:
+            events.append(event_adapter.validate_python(obj))
+        except ValidationError as exc:
+            if lineno == len(lines) and torn_tail:
+                warnings.append(f"{name}:{lineno}: the last event is incomplete; ignoring it")
+                break
+            raise UserError(f"{name}:{lineno}: bad {kind} event: {_first_problem(exc)}") from None
+    if not any(e.type == "run_finished" for e in events):
+        warnings.append(f"{name}: the run has no run_finished event (stopped early?)")
+    return EventLog(header=header, events=events, warnings=warnings)
+
+
+def _first_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "event"
+    return f"{where}: {err.get('msg', 'invalid')}"

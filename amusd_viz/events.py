@@ -1,0 +1,188 @@
+"""The event vocabulary: what the engine tells its consumers (DESIGN.md §3).
+
+Typed pydantic models, one per `type`. Imports neither torch nor textual, so logs can be read,
+replayed, summarised and exported on a machine without models.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Protocol, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+Role = Literal["draft", "target"]
+Phase = Literal["prefill", "draft", "verify", "decode"]
+How = Literal["accepted", "correction", "bonus", "decoded"]
+
+
+class _Event(BaseModel):
+    # Unknown extra fields are kept: newer writers may add fields, older readers pass them on.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    t: float = Field(description="seconds since the run started (shared monotonic clock)")
+
+
+class Candidate(BaseModel):
+    """One of a model's top candidates at a position."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    text: str
+    p: float
+
+
+class Header(BaseModel):
+    """First line of a log: what produced it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: Literal["header"] = "header"
+    schema_version: int = SCHEMA_VERSION
+    created: str = ""
+    amusd_viz: str = ""
+    machine: dict = Field(default_factory=dict)
+    packages: dict = Field(default_factory=dict)
+    config: dict = Field(default_factory=dict)
+
+
+class RunStarted(_Event):
+    type: Literal["run_started"] = "run_started"
+    strategy: str
+    draft: str | None
+    target: str
+    draft_device: str | None
+    target_device: str
+    prompt_tokens: int
+    dtype: str = "bfloat16"
+    lookahead: int = 0
+    max_new_tokens: int = 0
+    prompt: str = ""
+
+
+class WorkerReady(_Event):
+    type: Literal["worker_ready"] = "worker_ready"
+    role: Role
+    device: str
+    pid: int
+    load_s: float
+    model: str = ""
+
+
+class Forward(_Event):
+    """One forward pass; `t` is its start, `dur` its length."""
+
+    type: Literal["forward"] = "forward"
+    role: Role
+    device: str
+    dur: float
+    phase: Phase
+    n_tokens: int
+
+
+class DraftProposed(_Event):
+    type: Literal["draft_proposed"] = "draft_proposed"
+    pos: int
+    token_id: int
+    text: str
+    top: list[Candidate] = Field(default_factory=list)
+
+
+class VerifyResult(_Event):
+    type: Literal["verify_result"] = "verify_result"
+    start_pos: int
+    proposed: list[int]
+    accepted: int
+    committed: list[int]
+    # The target's top candidates at start_pos, start_pos+1, ... (one list per committed token).
+    top: list[list[Candidate]] = Field(default_factory=list)
+
+
+class Rollback(_Event):
+    type: Literal["rollback"] = "rollback"
+    to_pos: int
+    discarded: list[int]
+
+
+class TokenCommitted(_Event):
+    type: Literal["token_committed"] = "token_committed"
+    pos: int
+    token_id: int
+    text: str
+    how: How
+    # The target's top candidates at this position (why this token and not another).
+    top: list[Candidate] = Field(default_factory=list)
+
+
+class WorkerLost(_Event):
+    """A worker stopped; for the draft the run goes on with the target alone."""
+
+    type: Literal["worker_lost"] = "worker_lost"
+    role: Role
+    message: str
+
+
+class RunFinished(_Event):
+    type: Literal["run_finished"] = "run_finished"
+    new_tokens: int
+    wall_s: float
+    stop_reason: str = ""
+    started_at: float | None = None  # when the prompt went in (models loaded), on the run's clock
+
+
+class Error(_Event):
+    type: Literal["error"] = "error"
+    message: str
+    role: Role | None = None
+
+
+Event = Annotated[
+    Union[
+        RunStarted,
+        WorkerReady,
+        Forward,
+        DraftProposed,
+        VerifyResult,
+        Rollback,
+        TokenCommitted,
+        WorkerLost,
+        RunFinished,
+        Error,
+    ],
+    Field(discriminator="type"),
+]
+EVENT_TYPES = {
+    cls.model_fields["type"].default: cls
+    for cls in (RunStarted, WorkerReady, Forward, DraftProposed, VerifyResult, Rollback,
+                TokenCommitted, WorkerLost, RunFinished, Error)
+}
+event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+class EventSink(Protocol):
+    """Anything that consumes the event stream: the TUI, the recorder, the summary."""
+
+    def emit(self, event: _Event) -> None: ...
+
+
+class FanOut:
+    """Sends each event to several sinks, in order."""
+
+    def __init__(self, *sinks: EventSink) -> None:
+        self.sinks = [s for s in sinks if s is not None]
+
+    def emit(self, event: _Event) -> None:
+        for sink in self.sinks:
+            sink.emit(event)
+
+
+class EventList:
+    """Keeps every event in memory (tests, summaries)."""
+
+    def __init__(self) -> None:
+        self.events: list[_Event] = []
+
+    def emit(self, event: _Event) -> None:
+        self.events.append(event)

@@ -1,0 +1,177 @@
+"""Statistics of a run, computed from its events alone. No torch, no textual.
+
+Used by the run summary, `amusd-viz stats`, the benchmark and the TUI's stats panel, so every
+figure means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RunStats:
+    strategy: str = ""
+    new_tokens: int = 0
+    wall_s: float = 0.0
+    ms_per_token: float | None = None
+    tokens_per_s: float | None = None
+    verify_passes: int = 0
+    mean_accepted_per_pass: float | None = None  # draft tokens accepted per verify pass
+    mean_committed_per_pass: float | None = None  # tokens committed per target pass
+    acceptance_rate: float | None = None  # accepted / proposed, over verified draft tokens
+    acceptance_by_position: list[float] = field(default_factory=list)  # P(accept i | reached i)
+    accepted_histogram: dict[int, int] = field(default_factory=dict)  # accepted count -> passes
+    rollbacks: int = 0
+    wasted_draft_tokens: int = 0
+    draft_tokens: int = 0
+    busy: dict[str, float] = field(default_factory=dict)  # device -> busy share of the run
+    overlap: float | None = None  # share of the run where draft and target both computed
+    how: dict[str, int] = field(default_factory=dict)  # committed tokens by how they became final
+    workers_lost: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _length(spans) -> float:
+    return sum(e - s for s, e in spans)
+
+
+def _intersection(a, b) -> float:
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def compute(events) -> RunStats:
+    s = RunStats()
+    start_t = None
+    end_t = None
+    proposed = accepted = 0
+    reached: Counter[int] = Counter()
+    passed: Counter[int] = Counter()
+    committed_per_pass: list[int] = []
+    spans: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    first_gen_forward = None
+    for e in events:
+        kind = e.type
+        if kind == "run_started":
+            s.strategy = e.strategy
+        elif kind == "forward":
+            spans.setdefault((e.role, e.device), []).append((e.t, e.t + e.dur))
+            if e.phase == "prefill" and (first_gen_forward is None or e.t < first_gen_forward):
+                first_gen_forward = e.t
+        elif kind == "draft_proposed":
+            s.draft_tokens += 1
+        elif kind == "verify_result":
+            committed_per_pass.append(len(e.committed))
+            if e.proposed:
+                s.verify_passes += 1
+                proposed += len(e.proposed)
+                accepted += e.accepted
+                s.accepted_histogram[e.accepted] = s.accepted_histogram.get(e.accepted, 0) + 1
+                for i in range(min(e.accepted + 1, len(e.proposed))):
+                    reached[i] += 1
+                    if i < e.accepted:
+                        passed[i] += 1
+        elif kind == "rollback":
+            s.rollbacks += 1
+            s.wasted_draft_tokens += len(e.discarded)
+        elif kind == "token_committed":
+            s.new_tokens = max(s.new_tokens, e.pos + 1)
+            s.how[e.how] = s.how.get(e.how, 0) + 1
+        elif kind == "worker_lost":
+            s.workers_lost.append(e.role)
+        elif kind == "error":
+            s.errors.append(e.message)
+        elif kind == "run_finished":
+            s.wall_s = e.wall_s
+            start_t = getattr(e, "started_at", None)
+            end_t = e.t
+    if s.verify_passes:
+        s.mean_accepted_per_pass = accepted / s.verify_passes
+        s.acceptance_rate = accepted / proposed if proposed else None
+        s.acceptance_by_position = [passed[i] / reached[i] for i in sorted(reached)]
+    if committed_per_pass:
+        s.mean_committed_per_pass = sum(committed_per_pass) / len(committed_per_pass)
+    s.accepted_histogram = dict(sorted(s.accepted_histogram.items()))
+    if start_t is None:
+        start_t = first_gen_forward
+    if end_t is None and spans:
+        end_t = max(e for v in spans.values() for _, e in v)
+    if not s.wall_s and start_t is not None and end_t is not None:
+        s.wall_s = end_t - start_t
+    if s.new_tokens and s.wall_s:
+        s.ms_per_token = 1000 * s.wall_s / s.new_tokens
+        s.tokens_per_s = s.new_tokens / s.wall_s
+    if s.wall_s and start_t is not None:
+        window = (start_t, start_t + s.wall_s)
+
+        def clip(v):
+            return _union([(max(a, window[0]), min(b, window[1])) for a, b in v if b > window[0]
+                           and a < window[1]])
+
+        by_role: dict[str, list] = {}
+        for (role, device), v in spans.items():
+            s.busy[f"{role}@{device}"] = _length(clip(v)) / s.wall_s
+            by_role.setdefault(role, []).extend(v)
+        if "draft" in by_role and "target" in by_role:
+            s.overlap = _intersection(clip(by_role["draft"]), clip(by_role["target"])) / s.wall_s
+    return s
+
+
+def format_stats(s: RunStats) -> str:
+    """A human-readable block for `amusd-viz stats`."""
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    def num(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+
+    lines = [
+        f"strategy               {s.strategy or '-'}",
+        f"new tokens             {s.new_tokens}",
+        f"wall time              {s.wall_s:.2f} s (prompt in to last token out)",
+        f"ms / token             {num(s.ms_per_token, '{:.1f}')}",
+        f"tokens / s             {num(s.tokens_per_s)}",
+        f"verify passes          {s.verify_passes}",
+        f"mean accepted / pass   {num(s.mean_accepted_per_pass)}",
+        f"mean committed / pass  {num(s.mean_committed_per_pass)}",
+        f"acceptance rate        {pct(s.acceptance_rate)}",
+        "acceptance by position " + (" ".join(f"{i}:{pct(r)}" for i, r in
+                                               enumerate(s.acceptance_by_position)) or "-"),
+        "accepted per pass      " + (" ".join(f"{k}:{v}" for k, v in s.accepted_histogram.items())
+                                     or "-"),
+        f"draft tokens           {s.draft_tokens}",
+        f"rollbacks              {s.rollbacks}",
+        f"wasted draft tokens    {s.wasted_draft_tokens}",
+        "committed by kind      " + (" ".join(f"{k}:{v}" for k, v in sorted(s.how.items())) or "-"),
+    ]
+    for device, share in s.busy.items():
+        lines.append(f"busy {device:<18}{pct(share)}")
+    lines.append(f"both devices busy      {pct(s.overlap)}")
+    if s.workers_lost:
+        lines.append(f"workers lost           {', '.join(s.workers_lost)}")
+    for err in s.errors:
+        lines.append(f"error                  {err}")
+    return "\n".join(lines)
