@@ -77,7 +77,8 @@ def _max_context(source: str) -> int | None:
 def prepare(strategy: str, draft: str | None, target: str, target_device: str,
             draft_device: str | None, dtype: str, log=lambda m: print(m, file=sys.stderr)) -> Prepared:
     target_res = registry.resolve(target)
-    draft_res = registry.resolve(draft) if draft and strategy != "ar" else None
+    # The draft is resolved even for `ar`, so the TUI can re-run the prompt with sync or amusd.
+    draft_res = registry.resolve(draft) if draft else None
     target_src = materialize(target_res, log)
     draft_src = materialize(draft_res, log) if draft_res else None
     tokenizer = load_tokenizer(target_src)

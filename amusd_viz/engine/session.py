@@ -9,6 +9,10 @@ import time
 from dataclasses import dataclass, field
 
 from amusd_viz.errors import RunFailed
+
+
+class RunCancelled(Exception):
+    """The run was stopped on purpose (quit, new prompt, Ctrl+C)."""
 from amusd_viz.events import Error, WorkerLost
 from amusd_viz.engine.loops import Request
 from amusd_viz.engine.shared import SharedState
@@ -65,6 +69,7 @@ class Engine:
         self.shared: SharedState | None = None
         self._run_id = 0
         self._closed = False
+        self._cancelled = False
 
     def now(self) -> float:
         return (time.perf_counter_ns() - self.t0_ns) / 1e9
@@ -124,6 +129,14 @@ class Engine:
         for w in self.workers.values():
             w.requests.cancel_join_thread()
 
+    def cancel(self) -> None:
+        """Stop now, from any thread: kill the workers; a running generate() raises RunCancelled."""
+        self._cancelled = True
+        for w in self.workers.values():
+            if w.process.is_alive():
+                w.process.kill()
+        self.close()
+
     def __enter__(self) -> "Engine":
         return self
 
@@ -158,6 +171,8 @@ class Engine:
         last_target_news = time.monotonic()
         draft_done_deadline = None
         while not finished():
+            if self._cancelled:
+                raise RunCancelled()
             try:
                 msg = self._events.get(timeout=0.2)
             except queue.Empty:
@@ -191,6 +206,8 @@ class Engine:
                         self._lose("draft", "the draft worker did not stop after the run", phase)
 
     def _lose(self, role: str, message: str, phase: str) -> None:
+        if self._cancelled:
+            raise RunCancelled()
         w = self.workers[role]
         if w.lost:
             return

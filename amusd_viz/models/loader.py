@@ -18,10 +18,20 @@ def materialize(resolved: Resolved, log=lambda msg: print(msg, file=sys.stderr))
 
         assert resolved.spec is not None
         resolved.path = ensure_converted(resolved.spec, log)
-    if resolved.path is not None:
-        return str(resolved.path)
-    assert resolved.hub_id is not None
-    return resolved.hub_id
+    if resolved.path is None:  # a hub model: download it once into the Hugging Face cache
+        from huggingface_hub import snapshot_download
+
+        assert resolved.hub_id is not None
+        log(f"amusd-viz: downloading {resolved.hub_id} from the hub (once)")
+        try:
+            resolved.path = Path(snapshot_download(
+                resolved.hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                 "*.jinja"]))
+        except Exception as exc:  # noqa: BLE001 - gated repos, network, disk
+            raise UserError(f"cannot download {resolved.hub_id}: {str(exc).splitlines()[0]}. "
+                            "Log in with `hf auth login` for gated models, or pass a local "
+                            "directory.") from None
+    return str(resolved.path)
 
 
 def load_tokenizer(source: str):

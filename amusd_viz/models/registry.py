@@ -10,8 +10,11 @@ Resolution order for a name (docs/models.md):
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import os
+import socket
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -117,7 +120,8 @@ def hf_cached_path(hub_id: str) -> Path | None:
         path = Path(snapshot_download(hub_id, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure means "not cached"
         return None
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")) | any(path.glob("*.bin")):
+    if (path / "config.json").is_file() and (any(path.glob("*.safetensors"))
+                                             or any(path.glob("*.bin"))):
         return path
     return None
 
@@ -170,11 +174,27 @@ def resolve(name: str) -> Resolved:
     if spec and spec.bundled:
         return Resolved(shown, spec, "bundled",
                         converted_dir(spec) if is_converted(spec) else None, hub_id)
-    if hub_offline():
+    if hub_offline() or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else f"the hub ({hub_host()}) cannot be reached"
         raise UserError(f"model {shown!r} ({hub_id}) is not available offline: it is not in the "
-                        "Hugging Face cache and HF_HUB_OFFLINE is set. Download it where the hub is "
-                        f"reachable (`hf download {hub_id}`), or pass a local directory.")
+                        f"Hugging Face cache and {why}. Download it where the hub is reachable "
+                        f"(`hf download {hub_id}`) and copy the cache here, or pass a local "
+                        "directory with --draft/--target.")
     return Resolved(shown, spec, "hub", None, hub_id)
+
+
+def hub_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP probe, so an offline machine fails in seconds, not after minutes of retries."""
+    try:
+        with socket.create_connection((hub_host(), 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def available(resolved: Resolved) -> bool:

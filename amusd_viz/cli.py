@@ -1,0 +1,319 @@
+"""The `amusd-viz` command line (DESIGN.md §4).
+
+`amusd-viz [options]` opens the TUI and generates (or, with --headless, prints the run summary as
+JSON); `bench`, `replay`, `export-trace`, `stats` and `models` are subcommands. Every mistake a
+user can make exits 2 with one line naming the problem and the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from amusd_viz import __version__
+from amusd_viz.errors import RunFailed, UserError
+
+STRATEGIES = ("amusd", "sync", "ar")
+DTYPES = ("bfloat16", "float16", "float32")
+DEFAULT_PROMPT = ("Write a Python function that returns the n-th Fibonacci number iteratively, "
+                  "with a docstring and type hints.")
+DEFAULT_MAX_NEW = 128
+DEFAULT_LOOKAHEAD = 4
+COMMANDS = ("bench", "replay", "export-trace", "stats", "models")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line and exit 2, with a pointer to --help."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    return [positive_int(part) for part in text.split(",") if part.strip()]
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    from amusd_viz.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    g = p.add_argument_group("models and devices")
+    g.add_argument("--draft", default=DEFAULT_DRAFT, metavar="NAME",
+                   help=f"draft model: a name from `amusd-viz models`, a hub id or a local "
+                        f"directory (default: {DEFAULT_DRAFT})")
+    g.add_argument("--target", default=DEFAULT_TARGET, metavar="NAME",
+                   help=f"target model, same forms (default: {DEFAULT_TARGET})")
+    g.add_argument("--draft-device", metavar="D",
+                   help="device of the draft: cpu:N (one core), cpu (all cores) or cuda:N "
+                        "(default: cuda:1 with two GPUs, cuda:0 with one, else cpu:1)")
+    g.add_argument("--target-device", metavar="D",
+                   help="device of the target (default: cuda:0 with a GPU; else cpu:0 for amusd, "
+                        "cpu (all cores) for sync and ar)")
+    g.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                   help="weights and compute dtype; float32 is bit-exact (default: bfloat16)")
+
+
+def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> None:
+    g = p.add_argument_group("generation")
+    if not bench:
+        src = g.add_mutually_exclusive_group()
+        src.add_argument("--prompt", metavar="TEXT",
+                         help="the user message (sent through the target's chat template; "
+                              "default: a short coding request)")
+        src.add_argument("--prompt-file", metavar="F", type=Path,
+                         help="read the user message from a text file")
+        g.add_argument("--strategy", choices=STRATEGIES, default="amusd",
+                       help="amusd: asynchronous on two devices; sync: classic speculative "
+                            "decoding on one device; ar: the target alone (default: amusd)")
+        g.add_argument("--lookahead", type=positive_int, default=DEFAULT_LOOKAHEAD, metavar="K",
+                       help=f"draft tokens verified per target pass at most (default: "
+                            f"{DEFAULT_LOOKAHEAD})")
+    g.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW if not bench
+                   else 64, metavar="N",
+                   help=f"stop after N generated tokens, or at end of sequence (default: "
+                        f"{DEFAULT_MAX_NEW if not bench else 64})")
+    g.add_argument("--stall-timeout", type=positive_float, default=300.0, metavar="S",
+                   help="fail the run when the target makes no progress for S seconds "
+                        "(default: 300)")
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="amusd-viz",
+        description="Watch asynchronous multi-device speculative decoding (AMUSD) work: a small "
+                    "draft model proposes tokens on one device while a large target model "
+                    "verifies them on another, both at once.",
+        epilog="commands:\n"
+               "  amusd-viz bench --prompts F.jsonl   every strategy side by side\n"
+               "  amusd-viz replay FILE               play a recorded event log in the TUI\n"
+               "  amusd-viz export-trace FILE -o OUT  write a Perfetto / chrome://tracing trace\n"
+               "  amusd-viz stats FILE                statistics of an event log\n"
+               "  amusd-viz models                    the known models and where they come from\n"
+               "Run `amusd-viz COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"amusd-viz {__version__}")
+    add_model_options(p)
+    add_generation_options(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--headless", action="store_true",
+                   help="no TUI: generate and print the run summary as JSON on stdout")
+    g.add_argument("--events", metavar="FILE", type=Path,
+                   help="record every event to FILE (JSONL, flushed as it goes)")
+    g.add_argument("--summary-json", metavar="FILE", type=Path,
+                   help="write the run summary (JSON) to FILE when the run ends")
+    return p
+
+
+def build_command_parser(command: str) -> argparse.ArgumentParser:
+    if command == "models":
+        p = _Parser(prog="amusd-viz models",
+                    description="List the known models: default role, where each comes from now, "
+                                "whether it is available offline, size and local path.")
+        p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+        return p
+    if command == "stats":
+        p = _Parser(prog="amusd-viz stats", description="Print the statistics of an event log.")
+        p.add_argument("file", type=Path, help="an event log written with --events")
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        return p
+    if command == "export-trace":
+        p = _Parser(prog="amusd-viz export-trace",
+                    description="Write a Chrome trace-event JSON file (opens in Perfetto or "
+                                "chrome://tracing) with one lane per device.")
+        p.add_argument("file", type=Path, help="an event log written with --events")
+        p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
+                       help="where to write the trace (JSON)")
+        return p
+    if command == "replay":
+        p = _Parser(prog="amusd-viz replay",
+                    description="Play a recorded event log in the TUI (no models, no torch).")
+        p.add_argument("file", type=Path, help="an event log written with --events")
+        p.add_argument("--speed", type=positive_float, default=1.0, metavar="X",
+                       help="playback speed factor (default: 1.0)")
+        return p
+    if command == "bench":
+        p = _Parser(prog="amusd-viz bench",
+                    description="Run every strategy on the same prompts, models and dtype, and "
+                                "compare their speed, acceptance and losslessness.")
+        add_model_options(p)
+        add_generation_options(p, bench=True)
+        g = p.add_argument_group("benchmark")
+        g.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
+                       help='prompts, one {"id": ..., "prompt": ...} a line (default: the '
+                            "bundled prompt set)")
+        g.add_argument("--strategies", default="ar,ar-1dev,sync,sync-1dev,amusd,hf-assisted",
+                       metavar="LIST", help="comma-separated strategies (default: all: "
+                                            "ar,ar-1dev,sync,sync-1dev,amusd,hf-assisted)")
+        g.add_argument("--lookahead", type=int_list, default=[DEFAULT_LOOKAHEAD], metavar="K[,K…]",
+                       help=f"lookahead for sync and amusd; a list sweeps it (default: "
+                            f"{DEFAULT_LOOKAHEAD})")
+        g.add_argument("--repeats", type=positive_int, default=1, metavar="N",
+                       help="timed runs per prompt and strategy; the median is reported "
+                            "(default: 1)")
+        g.add_argument("--limit", type=positive_int, metavar="N",
+                       help="use only the first N prompts")
+        g.add_argument("--kinds", metavar="LIST",
+                       help="only prompts of these kinds (comma-separated: code,chat,prose,math)")
+        g.add_argument("--json", type=Path, metavar="OUT", help="write the full results as JSON")
+        g.add_argument("--plot", type=Path, metavar="OUT.svg",
+                       help="draw cumulative tokens against time for the first prompt (SVG)")
+        return p
+    raise AssertionError(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _terminate_as_interrupt()
+    try:
+        if argv and argv[0] in COMMANDS:
+            command = argv[0]
+            args = build_command_parser(command).parse_args(argv[1:])
+            return _dispatch(command, args)
+        args = build_run_parser().parse_args(argv)
+        return _run(args)
+    except UserError as exc:
+        print(f"amusd-viz: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RunFailed as exc:
+        print(f"amusd-viz: run failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("amusd-viz: interrupted; every worker was stopped.", file=sys.stderr)
+        return 130
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl+C, so `finally` blocks stop the workers and close the logs."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (tests)
+        pass
+
+
+def _dispatch(command: str, args) -> int:
+    if command == "models":
+        from amusd_viz.commands import models_command
+
+        return models_command(args)
+    if command == "stats":
+        from amusd_viz.commands import stats_command
+
+        return stats_command(args)
+    if command == "export-trace":
+        from amusd_viz.commands import export_trace_command
+
+        return export_trace_command(args)
+    if command == "replay":
+        from amusd_viz.commands import replay_command
+
+        return replay_command(args)
+    from amusd_viz.bench import bench_command
+
+    return bench_command(args)
+
+
+def read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        path: Path = args.prompt_file
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"prompt file {path} does not exist. Check the path, or pass "
+                            "--prompt TEXT.") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read prompt file {path}: {exc}") from None
+        if not text.strip():
+            raise UserError(f"prompt file {path} is empty. Write the prompt into it, or pass "
+                            "--prompt TEXT.")
+        return text.strip()
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UserError("--prompt is empty. Give the text of the prompt.")
+        return args.prompt
+    return DEFAULT_PROMPT
+
+
+def resolve_devices(args, strategy: str) -> tuple[str, str | None]:
+    from amusd_viz.engine.devices import default_devices, parse_device
+
+    default_target, default_draft = default_devices(strategy)
+    target = str(parse_device(args.target_device or default_target, "--target-device"))
+    draft = None
+    if strategy != "ar":
+        draft = str(parse_device(args.draft_device or default_draft, "--draft-device"))
+    return target, draft
+
+
+def _check_writable(path: Path | None, option: str) -> None:
+    if path is not None and not path.parent.resolve().is_dir():
+        raise UserError(f"{option} {path}: the folder {path.parent} does not exist. Create it or "
+                        "choose another path.")
+
+
+def _run(args) -> int:
+    prompt = read_prompt(args)
+    target_device, draft_device = resolve_devices(args, args.strategy)
+    _check_writable(args.events, "--events")
+    _check_writable(args.summary_json, "--summary-json")
+    if args.headless:
+        return _run_headless(args, prompt, target_device, draft_device)
+    from amusd_viz.ui.launch import run_live
+
+    return run_live(args, prompt, target_device, draft_device)
+
+
+def log_config(args, prompt: str, target_device: str, draft_device: str | None) -> dict:
+    return {"strategy": args.strategy, "draft": args.draft, "target": args.target,
+            "draft_device": draft_device, "target_device": target_device, "dtype": args.dtype,
+            "max_new_tokens": args.max_new_tokens, "lookahead": args.lookahead, "prompt": prompt}
+
+
+def _run_headless(args, prompt: str, target_device: str, draft_device: str | None) -> int:
+    from amusd_viz.engine.run import execute, prepare
+    from amusd_viz.eventlog import JsonlRecorder, make_header
+    from amusd_viz.events import FanOut
+
+    prepared = prepare(args.strategy, args.draft, args.target, target_device, draft_device,
+                       args.dtype)
+    recorder = None
+    if args.events:
+        recorder = JsonlRecorder(args.events, make_header(
+            log_config(args, prompt, target_device, draft_device)))
+    try:
+        summary = execute(prepared, FanOut(recorder), prompt, args.max_new_tokens, args.lookahead,
+                          engine_extra={"stall_timeout": args.stall_timeout})
+    finally:
+        if recorder:
+            recorder.close()
+    text = json.dumps(summary, indent=2, ensure_ascii=False)
+    if args.summary_json:
+        args.summary_json.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0

@@ -1,0 +1,90 @@
+"""The small subcommands: models, stats, export-trace, replay. None of them imports torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from amusd_viz.errors import UserError
+
+
+def _warn(log) -> None:
+    for warning in log.warnings:
+        print(f"amusd-viz: warning: {warning}", file=sys.stderr)
+
+
+def models_command(args) -> int:
+    from amusd_viz.models.registry import cache_dir, list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    headers = ["name", "role", "params", "source", "available", "size", "path / hub id"]
+    table = [[r["name"], r["default_role"] or "-", r["params"], r["source"],
+              "yes" if r["available"] else "no",
+              f"{r['size_mb']} MB" if r["size_mb"] else "-", r["path"] or r["hub_id"]]
+             for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *table)]
+    for line in [headers, *table]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+    print(f"\nconverted models live in {cache_dir()} (set AMUSD_VIZ_CACHE to move it). "
+          "Any hub id (org/name) or local directory also works as --draft/--target.")
+    return 0
+
+
+def stats_command(args) -> int:
+    from amusd_viz.eventlog import read_log
+    from amusd_viz.stats import compute, format_stats
+
+    log = read_log(args.file)
+    _warn(log)
+    s = compute(log.events)
+    print(json.dumps(s.to_dict(), indent=2) if args.json else format_stats(s))
+    return 0
+
+
+def export_trace_command(args) -> int:
+    from amusd_viz.eventlog import read_log
+    from amusd_viz.trace import to_trace
+
+    log = read_log(args.file)
+    _warn(log)
+    trace = to_trace(log.events)
+    try:
+        args.output.write_text(json.dumps(trace), encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {args.output}: {exc.strerror}. Choose another -o path.") from None
+    lanes = sum(1 for e in trace["traceEvents"] if e.get("name") == "thread_name")
+    print(f"wrote {args.output}: {len(trace['traceEvents'])} trace events, {lanes} device lanes. "
+          "Open it at ui.perfetto.dev or chrome://tracing.")
+    return 0
+
+
+def replay_command(args) -> int:
+    from amusd_viz.eventlog import read_log
+
+    log = read_log(args.file)
+    _warn(log)
+    from amusd_viz.ui.launch import run_replay
+
+    return run_replay(log, args.speed, str(args.file))
+
+
+def save_run(events: list, folder, strategy: str):
+    """Write a run's events (with a header) and its Perfetto trace next to each other."""
+    import time
+    from pathlib import Path
+
+    from amusd_viz.eventlog import JsonlRecorder, make_header
+    from amusd_viz.trace import to_trace
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(folder) / f"amusd-viz-{strategy or 'run'}-{stamp}"
+    log_path, trace_path = base.with_suffix(".jsonl"), base.with_suffix(".trace.json")
+    recorder = JsonlRecorder(log_path, make_header({"saved_from": "tui"}))
+    for event in events:
+        recorder.emit(event)
+    recorder.close()
+    trace_path.write_text(json.dumps(to_trace(events)), encoding="utf-8")
+    return log_path, trace_path

@@ -1,0 +1,334 @@
+"""The Textual app. A *source* (a live engine in a thread worker, or a recorded log) appends
+events to a queue; a timer drains it a few times a second into RunState, and the widgets redraw
+from that state. A live run and a replay take exactly this path."""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+from typing import Iterable
+
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Footer, Input, Label, Markdown
+
+from amusd_viz.ui import charts
+from amusd_viz.ui.state import RunState
+from amusd_viz.ui.widgets import (Chart, Inspector, RunHeader, StatsPanel, Timeline, TokenStream,
+                                  legend)
+
+TICK_S = 1 / 8  # redraw rate of the fast widgets (header, timeline, text)
+SLOW_TICK_S = 1.0  # stats and charts
+
+
+class QueueSink:
+    """An event sink any thread may call; the app drains it on its timer."""
+
+    def __init__(self) -> None:
+        self.queue: collections.deque = collections.deque()
+
+    def emit(self, event) -> None:
+        self.queue.append(event)
+
+
+HELP = """\
+# amusd-viz
+
+A small **draft** model proposes tokens; a large **target** model verifies them. With **amusd**
+both run at once on two devices; **sync** alternates them on one device; **ar** is the target alone.
+
+| key | action |
+|---|---|
+| `←` `→` / `h` `l` | move the inspector's cursor over the tokens; `home` / `end` |
+| `space` | pause / resume the display (live) or the playback (replay) |
+| `+` `-` | zoom the timeline; `{` `}` scroll it; `f` follow the present |
+| `1` `2` `3` | re-run this prompt with ar, sync or amusd (charts overlay the runs) |
+| `[` `]` | lookahead down / up (for the next run) |
+| `n` | a new prompt |
+| `s` | save the event log and a Perfetto trace of this run |
+| `j` | replay: step to the next token; `g` seek; `<` `>` slower / faster |
+| `ctrl+p` | command palette |
+| `?` | this help; `escape` closes it |
+| `q` | quit (stops every worker) |
+
+**Token colours**: green = draft token the target accepted; magenta underlined = the target's
+correction (the rejected draft token is struck through in red just before it); bold cyan = bonus
+token after a fully accepted draft; italic = decoded by the target alone; dim = pending drafts not
+verified yet.
+
+**Timeline**: blue = draft steps, green = verify passes (number = tokens in the pass), yellow =
+prefill, cyan = plain decode, ✕ = a rollback of the draft.
+"""
+
+
+class HelpScreen(ModalScreen):
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Markdown(HELP)
+
+
+class PromptScreen(ModalScreen[str | None]):
+    """Asks for a line of text (a new prompt, or a seek target)."""
+
+    BINDINGS = [Binding("escape", "cancel", "cancel")]
+
+    def __init__(self, title: str, placeholder: str = "") -> None:
+        super().__init__()
+        self.title_text = title
+        self.placeholder = placeholder
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="prompt-box"):
+            yield Label(self.title_text)
+            yield Input(placeholder=self.placeholder, id="prompt-input")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class AmusdApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "amusd-viz"
+    BINDINGS = [
+        Binding("q", "quit", "quit"),
+        Binding("question_mark", "help", "help"),
+        Binding("space", "pause", "pause"),
+        Binding("left,h", "cursor(-1)", "←", show=False),
+        Binding("right,l", "cursor(1)", "→", show=False),
+        Binding("home", "cursor_to(0)", show=False),
+        Binding("end", "cursor_to(-1)", show=False),
+        Binding("plus,equals_sign", "zoom(0.5)", "zoom", show=False),
+        Binding("minus", "zoom(2)", show=False),
+        Binding("left_curly_bracket", "scroll_timeline(-0.5)", show=False),
+        Binding("right_curly_bracket", "scroll_timeline(0.5)", show=False),
+        Binding("f", "follow", "follow", show=False),
+        Binding("1", "rerun('ar')", "ar"),
+        Binding("2", "rerun('sync')", "sync"),
+        Binding("3", "rerun('amusd')", "amusd"),
+        Binding("left_square_bracket", "lookahead(-1)", "look-", show=False),
+        Binding("right_square_bracket", "lookahead(1)", "look+", show=False),
+        Binding("n", "new_prompt", "new prompt"),
+        Binding("s", "save", "save"),
+        Binding("j", "step", "step", show=False),
+        Binding("g", "seek", "seek", show=False),
+        Binding("less_than_sign", "speed(0.5)", show=False),
+        Binding("greater_than_sign", "speed(2)", show=False),
+    ]
+
+    def __init__(self, source, save_dir: Path | None = None) -> None:
+        super().__init__()
+        self.source = source
+        self.sink = QueueSink()
+        self.state = RunState()
+        self.history: list[RunState] = []  # finished runs on the current prompt
+        self.cursor: int | None = None
+        self.paused = False
+        self.save_dir = save_dir or Path.cwd()
+        self._drawn = -1
+        self._slow_drawn = -1
+        self._last_slow = 0.0
+        self.exit_code = 0
+
+    # layout ---------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield RunHeader(id="header")
+        yield Timeline(id="timeline")
+        with Horizontal(id="middle"):
+            with Vertical(id="text-pane"):
+                yield Label(legend(), id="legend")
+                with VerticalScroll(id="text-scroll"):
+                    yield TokenStream(id="tokens")
+            with Vertical(id="side"):
+                yield StatsPanel(id="stats")
+                yield Inspector(id="inspector")
+        with Horizontal(id="charts"):
+            yield Chart(charts.cumulative, id="chart-cumulative")
+            yield Chart(charts.throughput, id="chart-throughput")
+            yield Chart(charts.accepted_histogram, id="chart-histogram")
+            yield Chart(charts.acceptance_by_position, id="chart-position")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#timeline").border_title = "timeline: one lane per device"
+        self.query_one("#text-pane").border_title = "generated text"
+        self.query_one("#stats").border_title = "stats"
+        self.query_one("#inspector").border_title = "token inspector"
+        self.set_interval(TICK_S, self.tick)
+        self.source.start(self)
+        self.tick()
+
+    # the event path -------------------------------------------------------------------------
+    def tick(self) -> None:
+        self.source.advance(self)
+        if not (self.paused and self.source.can_run):  # a paused replay still takes its steps
+            drained = 0
+            while self.sink.queue and drained < 5000:
+                self._ingest(self.sink.queue.popleft())
+                drained += 1
+        self._redraw()
+
+    def _ingest(self, event) -> None:
+        if event.type == "run_started" and self.state.events:
+            if self.state.prompt != event.prompt:
+                self.history.clear()
+            self.history.append(self.state)
+            self.state = RunState()
+            self.cursor = None
+        self.state.ingest(event)
+        if event.type == "run_finished":
+            self.source.on_finished(self, self.state)
+
+    def _redraw(self, force: bool = False) -> None:
+        state = self.state
+        status = "paused" if self.paused else ""
+        if state.version != self._drawn or force:
+            self._drawn = state.version
+            self.query_one(RunHeader).show(state, status + self.source.status_suffix())
+            self.query_one(TokenStream).show(state, self.cursor)
+            if self.cursor is None:
+                self.query_one("#text-scroll").scroll_end(animate=False)
+        self.query_one(Timeline).show(state)
+        now = time.monotonic()
+        if (state.version != self._slow_drawn and now - self._last_slow >= SLOW_TICK_S) or force:
+            self._slow_drawn, self._last_slow = state.version, now
+            self.query_one(StatsPanel).show(state, self._ar_ms())
+            self.query_one(Inspector).show(state, self.cursor)
+            self._draw_charts()
+
+    def _ar_ms(self) -> float | None:
+        for run in reversed(self.history):
+            if run.strategy == "ar" and run.status == "done" and run.tokens and run.wall_s:
+                return 1000 * run.wall_s / len(run.tokens)
+        return None
+
+    def _draw_charts(self) -> None:
+        state = self.state
+        runs = [(f"{r.strategy} (earlier)" if r.strategy == state.strategy else r.strategy,
+                 *r.commit_curve()) for r in self.history if r.tokens]
+        runs.append((state.strategy or "run", *state.commit_curve()))
+        self.query_one("#chart-cumulative", Chart).redraw(runs)
+        self.query_one("#chart-throughput", Chart).redraw(state)
+        self.query_one("#chart-histogram", Chart).redraw(state)
+        self.query_one("#chart-position", Chart).redraw(state.stats().acceptance_by_position)
+
+    # actions --------------------------------------------------------------------------------
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_pause(self) -> None:
+        self.paused = self.source.set_paused(not self.paused)
+        self._redraw(force=True)
+
+    def action_cursor(self, step: int) -> None:
+        n = len(self.state.tokens)
+        if not n:
+            return
+        self.cursor = (n - 1 if step < 0 else 0) if self.cursor is None else \
+            max(0, min(n - 1, self.cursor + step))
+        self._redraw(force=True)
+
+    def action_cursor_to(self, pos: int) -> None:
+        n = len(self.state.tokens)
+        if n:
+            self.cursor = n - 1 if pos < 0 else min(pos, n - 1)
+            self._redraw(force=True)
+
+    def action_zoom(self, factor: float) -> None:
+        self.query_one(Timeline).zoom(factor)
+
+    def action_scroll_timeline(self, fraction: float) -> None:
+        self.query_one(Timeline).scroll_by(fraction)
+
+    def action_follow(self) -> None:
+        self.query_one(Timeline).follow = True
+
+    def action_rerun(self, strategy: str) -> None:
+        if not self.source.can_run:
+            self.notify("a replay cannot run models", severity="warning")
+            return
+        self.source.run(self, strategy=strategy)
+
+    def action_lookahead(self, step: int) -> None:
+        if self.source.can_run:
+            value = self.source.set_lookahead(step)
+            self.notify(f"lookahead {value} for the next run (press 1/2/3 to run)")
+
+    def action_new_prompt(self) -> None:
+        if not self.source.can_run:
+            self.notify("a replay cannot run models", severity="warning")
+            return
+
+        def submitted(text: str | None) -> None:
+            if text:
+                self.source.run(self, prompt=text)
+
+        self.push_screen(PromptScreen("New prompt (enter runs it with the current strategy):",
+                                      "e.g. Write a binary search in Python"), submitted)
+
+    def action_save(self) -> None:
+        from amusd_viz.commands import save_run
+
+        try:
+            log_path, trace_path = save_run(self.state.events, self.save_dir, self.state.strategy)
+        except OSError as exc:
+            self.notify(f"could not save: {exc}", severity="error")
+            return
+        self.notify(f"saved {log_path.name} and {trace_path.name}")
+
+    def action_step(self) -> None:
+        self.source.step(self)
+
+    def action_seek(self) -> None:
+        if not hasattr(self.source, "seek"):
+            self.notify("seek works in replays", severity="warning")
+            return
+
+        def submitted(text: str | None) -> None:
+            if text:
+                try:
+                    self.source.seek(self, text)
+                except ValueError as exc:
+                    self.notify(str(exc), severity="error")
+
+        self.push_screen(PromptScreen("Seek to a time in seconds (e.g. 3.5) or a token (#42):"),
+                         submitted)
+
+    def action_speed(self, factor: float) -> None:
+        if hasattr(self.source, "speed"):
+            self.source.speed = min(64.0, max(1 / 16, self.source.speed * factor))
+            self._redraw(force=True)
+
+    async def action_quit(self) -> None:
+        self.source.stop()
+        self.exit(self.exit_code)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Help", "Keys, colours and lanes explained", self.action_help)
+        yield SystemCommand("Pause / resume", "Freeze or continue the display", self.action_pause)
+        yield SystemCommand("Save run", "Write the event log and a Perfetto trace",
+                            self.action_save)
+        if self.source.can_run:
+            for strategy in ("ar", "sync", "amusd"):
+                yield SystemCommand(f"Re-run with {strategy}", "Same prompt; charts overlay runs",
+                                    lambda s=strategy: self.action_rerun(s))
+            yield SystemCommand("New prompt", "Type a prompt and run it", self.action_new_prompt)
+            yield SystemCommand("Lookahead +1", "For the next run", lambda: self.action_lookahead(1))
+            yield SystemCommand("Lookahead -1", "For the next run", lambda: self.action_lookahead(-1))
+        else:
+            yield SystemCommand("Seek", "Jump to a time or a token position", self.action_seek)
+            yield SystemCommand("Step", "Play up to the next token", self.action_step)
+
+    # thread worker for live runs --------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="run")
+    def run_in_thread(self, job) -> None:
+        job()

@@ -1,0 +1,159 @@
+"""What the TUI knows about a run, built from events alone (live or replayed). No textual here:
+the widgets read this state; tests can check it without a terminal."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from amusd_viz import stats
+
+
+@dataclass
+class Span:
+    start: float
+    end: float
+    phase: str
+    n_tokens: int
+
+
+@dataclass
+class Lane:
+    role: str
+    device: str
+    spans: list[Span] = field(default_factory=list)
+    starts: list[float] = field(default_factory=list)  # sorted span starts, for bisect
+
+    def add(self, span: Span) -> None:
+        if self.starts and span.start < self.starts[-1]:  # rare: out-of-order arrival
+            i = bisect.bisect(self.starts, span.start)
+            self.starts.insert(i, span.start)
+            self.spans.insert(i, span)
+        else:
+            self.starts.append(span.start)
+            self.spans.append(span)
+
+    def visible(self, t0: float, t1: float) -> list[Span]:
+        """Spans overlapping [t0, t1]: bisect, so the cost follows the window, not the run."""
+        i = max(0, bisect.bisect_left(self.starts, t0) - 1)
+        j = bisect.bisect_right(self.starts, t1)
+        return [s for s in self.spans[i:j] if s.end >= t0]
+
+
+@dataclass
+class Token:
+    pos: int
+    token_id: int
+    text: str
+    how: str
+    t: float
+    top: list = field(default_factory=list)
+
+
+@dataclass
+class RunState:
+    strategy: str = ""
+    draft: str | None = None
+    target: str = ""
+    draft_device: str | None = None
+    target_device: str = ""
+    dtype: str = ""
+    lookahead: int = 0
+    max_new_tokens: int = 0
+    prompt: str = ""
+    prompt_tokens: int = 0
+    status: str = "loading"  # loading | generating | done | error
+    message: str = ""
+    started_at: float | None = None
+    now: float = 0.0
+    lanes: dict[str, Lane] = field(default_factory=dict)  # role -> lane
+    tokens: list[Token] = field(default_factory=list)
+    rejected: dict[int, tuple[int, str]] = field(default_factory=dict)  # pos -> (id, text)
+    proposals: dict[int, object] = field(default_factory=dict)  # pos -> latest DraftProposed
+    judged: dict[int, object] = field(default_factory=dict)  # pos -> the proposal the target judged
+    drafts: dict[int, str] = field(default_factory=dict)  # the draft's live sequence beyond commits
+    rollbacks: list[tuple[float, int, int]] = field(default_factory=list)  # (t, to_pos, n)
+    accepted_per_pass: list[int] = field(default_factory=list)
+    events: list = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    wall_s: float | None = None
+    version: int = 0  # bumped on every change; widgets redraw only when it moved
+
+    def ingest(self, e) -> None:
+        self.version += 1
+        self.events.append(e)
+        self.now = max(self.now, e.t + getattr(e, "dur", 0.0))
+        kind = e.type
+        if kind == "run_started":
+            for name in ("strategy", "draft", "target", "draft_device", "target_device", "dtype",
+                         "lookahead", "max_new_tokens", "prompt", "prompt_tokens"):
+                setattr(self, name, getattr(e, name))
+            if e.draft_device:
+                self.lanes.setdefault("draft", Lane("draft", e.draft_device))
+            self.lanes.setdefault("target", Lane("target", e.target_device))
+            self.status, self.message = "loading", "starting workers"
+        elif kind == "worker_ready":
+            self.lanes.setdefault(e.role, Lane(e.role, e.device))
+            self.lanes[e.role].add(Span(e.t - e.load_s, e.t, "load", 0))
+            self.message = f"{e.role} ready ({e.load_s:.1f} s)"
+        elif kind == "forward":
+            if self.status == "loading":
+                self.status, self.message = "generating", ""
+                self.started_at = e.t
+            self.lanes.setdefault(e.role, Lane(e.role, e.device)).add(
+                Span(e.t, e.t + e.dur, e.phase, e.n_tokens))
+        elif kind == "draft_proposed":
+            self.proposals[e.pos] = e
+            self.drafts[e.pos] = e.text
+        elif kind == "verify_result":
+            for i, token in enumerate(e.proposed[: e.accepted + 1]):
+                prop = self.proposals.get(e.start_pos + i)
+                if prop is not None and prop.token_id == token:
+                    self.judged[e.start_pos + i] = prop
+            if e.proposed:
+                self.accepted_per_pass.append(e.accepted)
+            if e.accepted < len(e.proposed):
+                pos = e.start_pos + e.accepted
+                token = e.proposed[e.accepted]
+                prop = self.proposals.get(pos)
+                text = prop.text if prop is not None and prop.token_id == token else f"<{token}>"
+                self.rejected[pos] = (token, text)
+        elif kind == "rollback":
+            self.rollbacks.append((e.t, e.to_pos, len(e.discarded)))
+            for pos in [p for p in self.drafts if p >= e.to_pos]:
+                del self.drafts[pos]
+        elif kind == "token_committed":
+            if e.pos == len(self.tokens):
+                self.tokens.append(Token(e.pos, e.token_id, e.text, e.how, e.t, list(e.top)))
+            self.drafts.pop(e.pos, None)
+        elif kind == "worker_lost":
+            self.lost.append(e.role)
+            self.message = f"{e.role} worker lost: {e.message}"
+        elif kind == "error":
+            self.status, self.message = "error", e.message
+        elif kind == "run_finished":
+            self.status = "done"
+            self.wall_s = e.wall_s
+            self.message = f"{e.new_tokens} tokens in {e.wall_s:.2f} s ({e.stop_reason})"
+            if e.started_at is not None:
+                self.started_at = e.started_at
+
+    def pending(self) -> list[str]:
+        """Draft tokens beyond the committed text, not verified yet, in order."""
+        out = []
+        pos = len(self.tokens)
+        while pos in self.drafts:
+            out.append(self.drafts[pos])
+            pos += 1
+        return out
+
+    def elapsed(self) -> float:
+        return self.now - self.started_at if self.started_at is not None else 0.0
+
+    def commit_curve(self) -> tuple[list[float], list[int]]:
+        """Cumulative tokens against seconds since the prompt went in."""
+        base = self.started_at or 0.0
+        return [t.t - base for t in self.tokens], list(range(1, len(self.tokens) + 1))
+
+    def stats(self) -> stats.RunStats:
+        return stats.compute(self.events)

@@ -1,0 +1,261 @@
+"""The TUI's widgets. Each reads a RunState and redraws only when its `version` moved."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+from textual.widgets import Static
+from textual_plotext import PlotextPlot
+
+from amusd_viz.ui.state import RunState
+
+# How each token became final: colour *and* a second cue (weight, underline, italic, strike), so
+# the difference survives a colour-blind eye and both dark and light palettes.
+STYLES = {
+    "accepted": "green",
+    "correction": "bold magenta underline",
+    "bonus": "bold cyan",
+    "decoded": "italic",
+    "rejected": "red strike",
+    "pending": "dim italic",
+}
+PHASE_STYLE = {
+    "load": ("·", "grey50"),
+    "prefill": ("▓", "yellow"),
+    "draft": ("█", "blue"),
+    "verify": ("█", "green"),
+    "decode": ("█", "cyan"),
+}
+STATUS_STYLE = {"loading": "yellow", "generating": "bold green", "done": "bold blue",
+                "error": "bold red", "paused": "bold yellow"}
+
+
+def legend() -> Text:
+    text = Text("legend: ")
+    for how, label in (("accepted", "accepted draft"), ("correction", "correction"),
+                       ("bonus", "bonus"), ("decoded", "target's own"),
+                       ("rejected", "rejected draft"), ("pending", "pending draft")):
+        text.append(label, STYLES[how])
+        text.append("  ")
+    return text
+
+
+def visible_text(s: str) -> str:
+    return s.replace("\n", "↵\n").replace("\t", "→   ")
+
+
+class RunHeader(Static):
+    """Models, devices, dtype, strategy, lookahead and the run's state."""
+
+    def show(self, state: RunState, extra: str = "") -> None:
+        status = extra or state.status
+        t = Text()
+        t.append(" amusd-viz ", "bold reverse")
+        t.append(f"  {state.strategy or '-'}", "bold")
+        if state.draft:
+            t.append(f"  draft {state.draft} @ {state.draft_device}")
+        t.append(f"  target {state.target or '-'} @ {state.target_device or '-'}")
+        t.append(f"  {state.dtype}")
+        if state.strategy != "ar":
+            t.append(f"  lookahead {state.lookahead}")
+        t.append(f"  ● {status}", STATUS_STYLE.get(status.split()[0], "bold"))
+        if state.status == "generating":
+            t.append(f" {len(state.tokens)}/{state.max_new_tokens} tokens, {state.elapsed():.1f} s")
+        if state.message:
+            t.append(f"  {state.message}", "italic")
+        self.update(t)
+
+
+class Timeline(Widget):
+    """One lane per device: forward passes as spans over time, rollbacks as ✕ marks.
+
+    Only spans inside the visible window are drawn (bisect per lane), so the cost of a redraw
+    follows the width of the window, never the length of the run.
+    """
+
+    DEFAULT_CSS = "Timeline { height: 7; }"
+    seconds_per_cell: reactive[float] = reactive(0.05)
+    follow: reactive[bool] = reactive(True)
+    offset_s: reactive[float] = reactive(0.0)  # window start when not following
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.state = RunState()
+
+    def show(self, state: RunState) -> None:
+        self.state = state
+        self.refresh()
+
+    def window(self) -> tuple[float, float]:
+        width = max(10, self.size.width - 16)
+        span = width * self.seconds_per_cell
+        if self.follow:
+            start = max(0.0, self.state.now - span * 0.95)
+        else:
+            start = self.offset_s
+        return start, start + span
+
+    def zoom(self, factor: float) -> None:
+        start, end = self.window()
+        self.seconds_per_cell = min(5.0, max(0.002, self.seconds_per_cell * factor))
+        if not self.follow:
+            middle = (start + end) / 2
+            self.offset_s = max(0.0, middle - (end - start) * factor / 2)
+
+    def scroll_by(self, fraction: float) -> None:
+        start, end = self.window()
+        self.follow = False
+        self.offset_s = max(0.0, start + (end - start) * fraction)
+
+    def render(self):
+        width = max(10, self.size.width - 16)
+        t0, t1 = self.window()
+        cell = (t1 - t0) / width
+        rows: list[Text] = []
+        for role, lane in self.state.lanes.items():
+            row = Text(f"{role:<6} {lane.device:<8}", "bold" if role == "target" else "")
+            row.append("▕")
+            cells: list[tuple[str, str]] = [(" ", "")] * width
+            for span in lane.visible(t0, t1):
+                a = max(0, int((span.start - t0) / cell))
+                b = min(width, max(a + 1, int((span.end - t0) / cell)))
+                char, style = PHASE_STYLE.get(span.phase, ("█", "white"))
+                label = f"{span.n_tokens}" if span.phase in ("verify", "prefill") else ""
+                for i in range(a, b):
+                    cells[i] = (char, style)
+                if label and b - a > len(label) + 1:  # label the pass with its token count
+                    for k, ch in enumerate(label):
+                        cells[a + 1 + k] = (ch, f"bold reverse {style}")
+                if b - a >= 2 and char == "█":  # a thin gap marks where one pass ends
+                    cells[b - 1] = ("▌", style)
+            for ch, style in cells:
+                row.append(ch, style)
+            rows.append(row)
+            if role == "draft":
+                marks: list[str] = [" "] * width
+                for t, _pos, _n in self.state.rollbacks:
+                    if t0 <= t <= t1:
+                        marks[min(width - 1, int((t - t0) / cell))] = "✕"
+                rows.append(Text(" rollback       ▕" + "".join(marks), "red"))
+        axis = Text(" " * 16 + "▕")
+        ticks = max(1, width // 16)
+        for k in range(ticks):
+            axis.append(f"{t0 + k * 16 * cell:<16.2f}"[:16], "grey50")
+        rows.append(axis)
+        mode = "following" if self.follow else "paused view"
+        rows.append(Text(f" {mode} · {1000 * cell:.0f} ms/cell · +/- zoom · {{ }} scroll · "
+                         "f follow", "grey50"))
+        return Group(*rows)
+
+
+class TokenStream(Static):
+    """The generated text, each token styled by how it became final; the inspector's cursor is
+    reverse-video; pending drafts trail dim after the committed text."""
+
+    def show(self, state: RunState, cursor: int | None) -> None:
+        text = Text()
+        for tok in state.tokens:
+            if tok.pos in state.rejected and tok.how == "correction":
+                text.append(visible_text(state.rejected[tok.pos][1]), STYLES["rejected"])
+            style = STYLES.get(tok.how, "")
+            if cursor == tok.pos:
+                style += " reverse"
+            text.append(visible_text(tok.text), style)
+        pending = state.pending()
+        if pending:
+            text.append(visible_text("".join(pending)), STYLES["pending"])
+        if not state.tokens and not pending:
+            text.append("waiting for the first token…" if state.status != "error"
+                        else state.message, "grey50 italic")
+        self.update(text)
+
+
+class StatsPanel(Static):
+    def show(self, state: RunState, ar_ms: float | None) -> None:
+        s = state.stats()
+        table = Table.grid(padding=(0, 1))
+        table.add_column(style="grey50")
+        table.add_column(justify="right")
+
+        def pct(x):
+            return "-" if x is None else f"{100 * x:.0f}%"
+
+        ms = s.ms_per_token
+        if ms is None and state.tokens and state.elapsed():
+            ms = 1000 * state.elapsed() / len(state.tokens)
+        table.add_row("tokens", f"{len(state.tokens)}")
+        table.add_row("ms / token", "-" if ms is None else f"{ms:.0f}")
+        table.add_row("speedup vs ar", "-" if not (ar_ms and ms) else f"{ar_ms / ms:.2f}×")
+        table.add_row("accepted / pass", "-" if s.mean_accepted_per_pass is None
+                      else f"{s.mean_accepted_per_pass:.2f}")
+        table.add_row("acceptance", pct(s.acceptance_rate))
+        table.add_row("rollbacks", f"{s.rollbacks}")
+        table.add_row("wasted drafts", f"{s.wasted_draft_tokens}")
+        for device, share in s.busy.items():
+            table.add_row(f"busy {device}", pct(share))
+        table.add_row("both busy", pct(s.overlap))
+        if state.lost:
+            table.add_row("lost", ", ".join(state.lost), style="red")
+        self.update(table)
+
+
+class Inspector(Static):
+    """The draft's and the target's top candidates at the cursor, and the verdict."""
+
+    def show(self, state: RunState, cursor: int | None) -> None:
+        if cursor is None or cursor >= len(state.tokens):
+            self.update(Text("←/→ move the cursor over the tokens to inspect one", "grey50"))
+            return
+        tok = state.tokens[cursor]
+        out = Text()
+        out.append(f"position {tok.pos}  ", "bold")
+        out.append(repr(tok.text), STYLES.get(tok.how, ""))
+        out.append(f"  {tok.how}\n")
+        judged = state.judged.get(tok.pos)
+        if tok.how == "correction" and tok.pos in state.rejected:
+            out.append(f"draft proposed {state.rejected[tok.pos][1]!r}: rejected\n", "red")
+        elif tok.how == "accepted":
+            out.append("draft and target agreed\n", "green")
+        elif tok.how == "bonus":
+            out.append("all drafts accepted; target added this one\n", "cyan")
+        else:
+            out.append("target decoded this without a draft to check\n")
+        proposal = judged or state.proposals.get(tok.pos)
+        out.append("draft top-5\n", "bold")
+        if proposal is not None and proposal.top:
+            for c in proposal.top:
+                out.append(_bar(c.text if hasattr(c, "text") else c["text"],
+                                c.p if hasattr(c, "p") else c["p"]))
+        else:
+            out.append("  (no draft proposal)\n", "grey50")
+        out.append("target top-5\n", "bold")
+        for c in tok.top:
+            out.append(_bar(c.text if hasattr(c, "text") else c["text"],
+                            c.p if hasattr(c, "p") else c["p"]))
+        self.update(out)
+
+
+def _bar(text: str, p: float, width: int = 10) -> Text:
+    filled = int(round(p * width))
+    line = Text("  ")
+    line.append(f"{text!r:<14.14}")
+    line.append("█" * filled + "·" * (width - filled), "green")
+    line.append(f" {p:5.1%}\n")
+    return line
+
+
+class Chart(PlotextPlot):
+    """A plotext chart redrawn from a callback, at most when its data changed."""
+
+    def __init__(self, draw, **kw) -> None:
+        super().__init__(**kw)
+        self._draw = draw
+
+    def redraw(self, *args) -> None:
+        self.plt.clear_data()
+        self.plt.clear_figure()
+        self._draw(self.plt, *args)
+        self.refresh()
