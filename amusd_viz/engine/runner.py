@@ -7,6 +7,7 @@ feeds what is missing and returns logits for the last `n` positions of `seq`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -31,6 +32,7 @@ class Runner:
         self.cache: DynamicCache | None = None
         self._texts: dict[int, str] = {}
         self.is_cuda = self.device.type == "cuda"
+        self.device_lock = None  # set when another process shares this device
 
     def reset(self) -> None:
         self.ids = []
@@ -51,17 +53,18 @@ class Runner:
         keep = min(common_prefix(self.ids, seq), len(seq) - n_logits)
         self.crop(keep)
         feed = seq[keep:]
-        start = time.perf_counter_ns()
-        out = self.model(
-            input_ids=torch.tensor([feed], dtype=torch.long, device=self.device),
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=n_logits,
-        )
-        logits = out.logits[0, -n_logits:].float()
-        if self.is_cuda:
-            torch.cuda.synchronize(self.device)  # stamp the end of the real work, not the launch
-        end = time.perf_counter_ns()
+        with self.device_lock or contextlib.nullcontext():
+            start = time.perf_counter_ns()
+            out = self.model(
+                input_ids=torch.tensor([feed], dtype=torch.long, device=self.device),
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=n_logits,
+            )
+            logits = out.logits[0, -n_logits:].float()
+            if self.is_cuda:
+                torch.cuda.synchronize(self.device)  # stamp the end of the real work
+            end = time.perf_counter_ns()
         self.ids.extend(feed)
         return logits, len(feed), start, end
 

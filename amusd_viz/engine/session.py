@@ -79,7 +79,8 @@ class Engine:
         cfg = self.cfg
         self._events = self._ctx.Queue()
         if cfg.strategy == "amusd":
-            self.shared = SharedState(self._ctx, cfg.capacity)
+            self.shared = SharedState(self._ctx, cfg.capacity, one_device=(
+                (cfg.draft_device or cfg.target_device) == cfg.target_device))
             specs = [
                 WorkerSpec("target", "amusd", cfg.target_device, cfg.dtype, cfg.target_src, None,
                            self.t0_ns, cfg.faults.get("target", "")),

@@ -15,9 +15,12 @@ import numpy as np
 
 
 class SharedState:
-    def __init__(self, ctx: mp.context.BaseContext, capacity: int) -> None:
+    def __init__(self, ctx: mp.context.BaseContext, capacity: int, one_device: bool = False) -> None:
         self.capacity = capacity
         self.lock = ctx.Lock()
+        # Both workers on one device take turns, pass by pass: no thrashing, and the device's
+        # forward spans never overlap.
+        self.device_lock = ctx.Lock() if one_device else None
         self.wakeup = ctx.Event()
         self._committed = ctx.RawArray("q", capacity)
         self._drafts = ctx.RawArray("q", capacity)

@@ -75,6 +75,9 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
         if spec.draft_src:
             draft = _load(spec.draft_src, spec.dtype, device.torch_device,
                           target.tokenizer if target else None)
+        for runner in (target, draft):
+            if runner is not None and shared is not None:
+                runner.device_lock = shared.device_lock
         now = time.perf_counter_ns()
         load_s = (now - start) / 1e9
         for r, runner in (("target", target), ("draft", draft)):

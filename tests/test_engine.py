@@ -1,0 +1,182 @@
+"""The engine on tiny random-weight models in float32, where greedy equality is exact: every
+strategy must produce exactly the target's own greedy tokens, with a consistent event stream."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amusd_viz.engine.session import Engine, EngineConfig
+from amusd_viz.events import EventList
+
+NO_EOS = frozenset()
+
+
+class Recorder(EventList):
+    def take(self):
+        events, self.events = self.events, []
+        return events
+
+
+def make_engine(models, strategy, draft="draft_far", target_device="cpu:0", draft_device="cpu:1",
+                **extra):
+    sink = Recorder()
+    cfg = EngineConfig(strategy=strategy, target_src=str(models["target"]),
+                       draft_src=str(models[draft]) if strategy != "ar" else None,
+                       target_device=target_device, draft_device=draft_device,
+                       dtype="float32", **extra)
+    engine = Engine(cfg, sink)
+    engine.start()
+    engine.wait_ready()
+    return engine, sink
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models):
+    made = {}
+
+    def get(strategy, draft="draft_far", **kw):
+        key = (strategy, draft, tuple(sorted(kw.items())))
+        if key not in made:
+            made[key] = make_engine(tiny_models, strategy, draft, **kw)
+        return made[key]
+
+    yield get
+    for engine, _ in made.values():
+        engine.close()
+
+
+def run(engines, strategy, prompt, max_new, lookahead=4, draft="draft_far", eos=NO_EOS, **kw):
+    engine, sink = engines(strategy, draft, **kw)
+    sink.take()
+    gen = engine.generate(prompt, max_new, lookahead, eos)
+    return gen, sink.take()
+
+
+def check_invariants(gen, events):
+    """DESIGN.md §3: committed positions 0,1,2,… without gap or repeat, equal to the generated
+    ids; the forward spans of one device never overlap."""
+    commits = [e for e in events if e.type == "token_committed"]
+    assert [e.pos for e in commits] == list(range(len(commits)))
+    assert [e.token_id for e in commits] == gen.token_ids
+    spans: dict[str, list] = {}
+    for e in events:
+        if e.type == "forward":
+            assert e.dur >= 0
+            spans.setdefault(e.device, []).append((e.t, e.t + e.dur))
+    for device, intervals in spans.items():
+        intervals.sort()
+        for (_, end), (start, _) in zip(intervals, intervals[1:]):
+            assert start >= end - 1e-6, f"overlapping forward passes on {device}"
+    for e in events:
+        if e.type == "verify_result":
+            assert 0 <= e.accepted <= len(e.proposed)
+            assert e.committed[: e.accepted] == e.proposed[: e.accepted][: len(e.committed)]
+
+
+prompts = st.lists(st.integers(min_value=2, max_value=95), min_size=1, max_size=24)
+
+
+def test_ar_equals_transformers_generate(engines, tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.float32)
+    for prompt in ([5], [7, 8, 9, 10], list(range(20, 45))):
+        gen, events = run(engines, "ar", prompt, 30)
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        assert gen.token_ids == out[0, len(prompt):].tolist()
+        check_invariants(gen, events)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=prompts, max_new=st.integers(1, 40), lookahead=st.integers(1, 6),
+       draft=st.sampled_from(["draft_far", "draft_near", "draft_same"]))
+def test_speculative_strategies_equal_plain_decoding(engines, prompt, max_new, lookahead, draft):
+    reference, _ = run(engines, "ar", prompt, max_new)
+    assert len(reference.token_ids) == max_new
+    for strategy in ("sync", "amusd"):
+        gen, events = run(engines, strategy, prompt, max_new, lookahead, draft)
+        assert gen.token_ids == reference.token_ids, (strategy, draft)
+        check_invariants(gen, events)
+
+
+def test_rollbacks_happen_and_stay_lossless(engines):
+    """A draft with unrelated weights is rejected often: many rollbacks, same output."""
+    prompt = [11, 12, 13]
+    reference, _ = run(engines, "ar", prompt, 60)
+    gen, events = run(engines, "amusd", prompt, 60, lookahead=4, draft="draft_far")
+    assert gen.token_ids == reference.token_ids
+    rollbacks = [e for e in events if e.type == "rollback"]
+    assert len(rollbacks) >= 3
+    for e in rollbacks:
+        assert e.discarded and e.to_pos >= 0
+    proposals = [e for e in events if e.type == "draft_proposed"]
+    assert all(len(e.top) == 5 and abs(sum(c.p for c in e.top)) <= 1.0001 for e in proposals)
+
+
+def test_lookahead_one(engines):
+    prompt = [30, 31]
+    reference, _ = run(engines, "ar", prompt, 25)
+    for strategy in ("sync", "amusd"):
+        gen, events = run(engines, strategy, prompt, 25, lookahead=1, draft="draft_near")
+        assert gen.token_ids == reference.token_ids
+        assert all(len(e.proposed) <= 1 for e in events if e.type == "verify_result")
+
+
+def test_always_accepting_draft_gets_bonus_tokens(engines):
+    prompt = [40, 41, 42]
+    reference, _ = run(engines, "ar", prompt, 30)
+    gen, events = run(engines, "sync", prompt, 30, lookahead=4, draft="draft_same")
+    assert gen.token_ids == reference.token_ids
+    hows = {e.how for e in events if e.type == "token_committed"}
+    assert "bonus" in hows and "correction" not in hows
+    passes = [e for e in events if e.type == "verify_result" and e.proposed]
+    assert all(e.accepted == len(e.proposed) for e in passes)
+
+
+def test_eos_in_the_middle_of_an_accepted_run(engines):
+    prompt = [50, 51, 52]
+    reference, _ = run(engines, "ar", prompt, 30)
+    stop_at = 6  # make the token at position 6 the end of sequence
+    eos = frozenset({reference.token_ids[stop_at]})
+    first = reference.token_ids.index(reference.token_ids[stop_at])
+    expected = reference.token_ids[: first + 1]
+    for strategy in ("ar", "sync", "amusd"):
+        gen, events = run(engines, strategy, prompt, 30, lookahead=6, draft="draft_same", eos=eos)
+        assert gen.token_ids == expected, strategy
+        assert gen.stop_reason == "eos"
+        check_invariants(gen, events)
+
+
+def test_max_new_tokens_inside_a_verify_pass(engines):
+    prompt = [60, 61]
+    for max_new in (1, 2, 3, 5):
+        reference, _ = run(engines, "ar", prompt, max_new)
+        for strategy in ("sync", "amusd"):
+            gen, _ = run(engines, strategy, prompt, max_new, lookahead=8, draft="draft_same")
+            assert gen.token_ids == reference.token_ids
+            assert len(gen.token_ids) == max_new
+            assert gen.stop_reason == "max_new_tokens"
+
+
+def test_both_workers_on_one_device(engines):
+    prompt = [70, 71, 72, 73]
+    reference, _ = run(engines, "ar", prompt, 30)
+    gen, events = run(engines, "amusd", prompt, 30, lookahead=3, draft="draft_near",
+                      draft_device="cpu:0")
+    assert gen.token_ids == reference.token_ids
+    assert {e.device for e in events if e.type == "forward"} == {"cpu:0"}
+    check_invariants(gen, events)  # the two workers take turns: no overlapping spans
+
+
+def test_workers_are_separate_processes(engines):
+    engine, _ = engines("amusd", "draft_far")
+    pids = engine.pids()
+    assert set(pids) == {"target", "draft"}
+    assert len(set(pids.values())) == 2
+    import os
+
+    assert os.getpid() not in pids.values()
