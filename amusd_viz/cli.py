@@ -73,6 +73,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "cpu (all cores) for sync and ar)")
     g.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                    help="weights and compute dtype; float32 is bit-exact (default: bfloat16)")
+    g.add_argument("--draft-quant", choices=("auto", "none", "int8"), default="auto",
+                   help="int8: dynamic int8 linear layers for the draft only (CPU; the target "
+                        "and so the output are untouched); auto: int8 on CPU, none on GPU "
+                        "(default: auto)")
 
 
 def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> None:
@@ -289,10 +293,20 @@ def _run(args) -> int:
     return run_live(args, prompt, target_device, draft_device)
 
 
+def engine_extra(args, draft_device: str | None) -> dict:
+    """Engine settings that come straight from options."""
+    from amusd_viz.bench import resolve_draft_quant
+
+    gpus = 1 if draft_device and draft_device.startswith("cuda") else 0
+    return {"stall_timeout": args.stall_timeout,
+            "draft_quant": resolve_draft_quant(args.draft_quant, gpus)}
+
+
 def log_config(args, prompt: str, target_device: str, draft_device: str | None) -> dict:
     return {"strategy": args.strategy, "draft": args.draft, "target": args.target,
             "draft_device": draft_device, "target_device": target_device, "dtype": args.dtype,
-            "max_new_tokens": args.max_new_tokens, "lookahead": args.lookahead, "prompt": prompt}
+            "max_new_tokens": args.max_new_tokens, "lookahead": args.lookahead,
+            "draft_quant": args.draft_quant, "prompt": prompt}
 
 
 def _run_headless(args, prompt: str, target_device: str, draft_device: str | None) -> int:
@@ -308,7 +322,7 @@ def _run_headless(args, prompt: str, target_device: str, draft_device: str | Non
             log_config(args, prompt, target_device, draft_device)))
     try:
         summary = execute(prepared, FanOut(recorder), prompt, args.max_new_tokens, args.lookahead,
-                          engine_extra={"stall_timeout": args.stall_timeout})
+                          engine_extra=engine_extra(args, draft_device))
     finally:
         if recorder:
             recorder.close()

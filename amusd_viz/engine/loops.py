@@ -29,6 +29,7 @@ class Request:
     eos_ids: frozenset[int]
     t0_ns: int  # the run's zero on the shared monotonic clock
     max_ahead: int = 0  # amusd: how far the draft may run past the committed text (0: 2×lookahead)
+    wait_steps: float = 1.5  # amusd: with no draft to verify, wait up to this many draft steps
 
 
 @dataclass
@@ -163,7 +164,10 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
     committed = c.commit([int(logits[0].argmax())], ["decoded"], [target.top(logits[0])])
     shared.publish_committed(c.seq, n_prompt, done=c.done)
     while not c.done:
-        drafts = shared.read_drafts(c.seq, n_prompt, min(req.lookahead, c.remaining - 1))
+        limit = min(req.lookahead, c.remaining - 1)
+        drafts = shared.read_drafts(c.seq, n_prompt, limit)
+        if not drafts and limit > 0 and req.wait_steps > 0:
+            drafts = shared.wait_for_drafts(c.seq, n_prompt, limit, req.wait_steps)
         logits, fed, start, end = target.forward(c.seq + drafts, len(drafts) + 1)
         emit(_forward_event(req, target, "target", device, "verify" if drafts else "decode",
                             fed, start, end))
@@ -212,6 +216,37 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
                             fed, start, end))
         token = int(logits[0].argmax())
         seq = seq + [token]
-        shared.publish_drafts(seq, n_prompt)
+        shared.publish_drafts(seq, n_prompt, step_s=(end - start) / 1e9 if fed == 1 else None)
         emit(DraftProposed(t=_secs(req, end), pos=len(seq) - 1 - n_prompt, token_id=token,
                            text=draft.text(token), top=draft.top(logits[0])))
+
+
+def hf_loop(req: Request, target: Runner, draft: Runner | None, device: str, emit: Emit) -> Outcome:
+    """Plain transformers `generate` (draft None) or its assisted generation with the same draft:
+    the baselines users would otherwise reach for. Only the committed tokens are reported."""
+    import torch
+
+    model = target.model
+    kwargs = {}
+    if draft is not None:
+        # transformers 5.x reads these from the assistant's generation_config; 5 draft tokens on a
+        # constant schedule beat its adaptive default on this kind of machine (DESIGN.md §5).
+        draft.model.generation_config.num_assistant_tokens = req.lookahead
+        draft.model.generation_config.num_assistant_tokens_schedule = "constant"
+        kwargs["assistant_model"] = draft.model
+    ids = torch.tensor([req.prompt_ids], device=target.device)
+    start = time.perf_counter_ns()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=req.max_new_tokens, do_sample=False,
+                             eos_token_id=sorted(req.eos_ids) or None,
+                             pad_token_id=(sorted(req.eos_ids) or [0])[0], **kwargs)
+    if target.is_cuda:
+        torch.cuda.synchronize(target.device)
+    end = time.perf_counter_ns()
+    new = out[0, len(req.prompt_ids):].tolist()
+    emit(_forward_event(req, target, "target", device, "decode", len(new), start, end))
+    c = Committer(req, target, emit)
+    c.commit(new, ["decoded"] * len(new), [[] for _ in new])
+    c.outcome.end_ns = end
+    c.outcome.stop_reason = c.outcome.stop_reason or "max_new_tokens"
+    return c.outcome

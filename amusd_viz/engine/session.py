@@ -18,7 +18,7 @@ from amusd_viz.engine.loops import Request
 from amusd_viz.engine.shared import SharedState
 from amusd_viz.engine.worker import WorkerSpec, worker_main
 
-STRATEGIES = ("ar", "sync", "amusd")
+STRATEGIES = ("ar", "sync", "amusd", "hf-generate", "hf-assisted")
 
 
 @dataclass
@@ -31,6 +31,8 @@ class EngineConfig:
     dtype: str = "bfloat16"
     capacity: int = 65536  # max tokens (prompt + generated) the shared arrays hold
     stall_timeout: float = 300.0  # seconds without a target event before the run is failed
+    wait_steps: float = 1.5  # amusd: the target waits up to this many draft steps for a draft
+    draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
     faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
 
 
@@ -85,12 +87,14 @@ class Engine:
                 WorkerSpec("target", "amusd", cfg.target_device, cfg.dtype, cfg.target_src, None,
                            self.t0_ns, cfg.faults.get("target", "")),
                 WorkerSpec("draft", "amusd", cfg.draft_device or cfg.target_device, cfg.dtype,
-                           None, cfg.draft_src, self.t0_ns, cfg.faults.get("draft", "")),
+                           None, cfg.draft_src, self.t0_ns, cfg.faults.get("draft", ""),
+                           cfg.draft_quant),
             ]
         else:
             specs = [WorkerSpec("target", cfg.strategy, cfg.target_device, cfg.dtype, cfg.target_src,
-                                cfg.draft_src if cfg.strategy == "sync" else None, self.t0_ns,
-                                cfg.faults.get("target", ""))]
+                                cfg.draft_src if cfg.strategy in ("sync", "hf-assisted") else None,
+                                self.t0_ns,
+                                cfg.faults.get("target", ""), cfg.draft_quant)]
         for spec in specs:
             requests = self._ctx.Queue()
             process = self._ctx.Process(target=worker_main, name=f"amusd-viz-{spec.role}",
@@ -153,8 +157,10 @@ class Engine:
         run_id = self._run_id
         if self.shared is not None:
             self.shared.reset()
+            self.shared.set_draft_alive(not self.workers["draft"].lost)
         start_ns = time.perf_counter_ns()
-        req = Request(list(prompt_ids), max_new_tokens, lookahead, eos_ids, self.t0_ns, max_ahead)
+        req = Request(list(prompt_ids), max_new_tokens, lookahead, eos_ids, self.t0_ns, max_ahead,
+                      self.cfg.wait_steps)
         live = [w for w in self.workers.values() if not w.lost]
         for w in live:
             w.requests.put((run_id, req))
@@ -216,7 +222,9 @@ class Engine:
         if w.process.is_alive():
             w.process.kill()
         if role == "draft":
-            # The target never waits for the draft, so the run goes on as plain decoding.
+            # The target never depends on the draft, so the run goes on as plain decoding.
+            if self.shared is not None:
+                self.shared.set_draft_alive(False)
             self.sink.emit(WorkerLost(t=self.now(), role="draft",
                                       message=f"{message}; continuing with the target alone"))
             return

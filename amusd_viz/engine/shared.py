@@ -21,11 +21,12 @@ class SharedState:
         # Both workers on one device take turns, pass by pass: no thrashing, and the device's
         # forward spans never overlap.
         self.device_lock = ctx.Lock() if one_device else None
-        self.wakeup = ctx.Event()
+        self.wakeup = ctx.Event()  # set by every commit: the draft may have work
+        self.drafted = ctx.Event()  # set by every draft publish: the target may have work
         self._committed = ctx.RawArray("q", capacity)
         self._drafts = ctx.RawArray("q", capacity)
-        # [committed_len, drafts_len, done, epoch]
-        self._meta = ctx.RawArray("q", 4)
+        # [committed_len, drafts_len, done, epoch, draft_alive, draft_step_us]
+        self._meta = ctx.RawArray("q", 6)
 
     # numpy views are made lazily in each process (RawArrays pickle, views do not)
     def _view(self, raw) -> np.ndarray:
@@ -37,6 +38,18 @@ class SharedState:
             meta[0] = meta[1] = meta[2] = 0
             meta[3] += 1
         self.wakeup.clear()
+        self.drafted.clear()
+
+    def set_draft_alive(self, alive: bool) -> None:
+        self._view(self._meta)[4] = int(alive)
+        self.drafted.set()  # a waiting target must not wait for a draft that is gone
+
+    @property
+    def draft_alive(self) -> bool:
+        return bool(self._view(self._meta)[4])
+
+    def draft_step_s(self) -> float:
+        return self._view(self._meta)[5] / 1e6
 
     def _check(self, n: int) -> None:
         if n > self.capacity:
@@ -68,11 +81,31 @@ class SharedState:
         return snapshot[n - n_prompt:].tolist()
 
     # draft side -------------------------------------------------------------------------------
-    def publish_drafts(self, seq: list[int], n_prompt: int) -> None:
+    def publish_drafts(self, seq: list[int], n_prompt: int, step_s: float | None = None) -> None:
         self._check(len(seq))
         with self.lock:
             self._view(self._drafts)[n_prompt:len(seq)] = seq[n_prompt:]
-            self._view(self._meta)[1] = len(seq)
+            meta = self._view(self._meta)
+            meta[1] = len(seq)
+            if step_s is not None:  # a moving average of the draft's step time
+                meta[5] = int(0.8 * meta[5] + 0.2 * step_s * 1e6) if meta[5] else int(step_s * 1e6)
+        self.drafted.set()
+
+    def wait_for_drafts(self, committed: list[int], n_prompt: int, limit: int,
+                        steps: float) -> list[int]:
+        """Drafts extending `committed`, waiting (blocked, not spinning) at most `steps` draft
+        steps for the first one: a pass with one draft yields 1 + acceptance tokens for little
+        more than the cost of a lone decode."""
+        import time
+
+        deadline = time.monotonic() + steps * self.draft_step_s()
+        while True:
+            self.drafted.clear()
+            drafts = self.read_drafts(committed, n_prompt, limit)
+            left = deadline - time.monotonic()
+            if drafts or left <= 0 or not self.draft_alive:
+                return drafts
+            self.drafted.wait(left)
 
     def read_committed(self, prompt: list[int]) -> tuple[list[int], bool]:
         """The committed sequence (prompt included) and whether the run is over. Only the

@@ -25,6 +25,7 @@ class WorkerSpec:
     draft_src: str | None
     t0_ns: int
     fault: str = ""  # tests only: "die_after:N" exits the process after N forward passes
+    draft_quant: str = "none"  # "int8": dynamic int8 linear layers for the draft (CPU only)
 
 
 def _die_with_parent() -> None:
@@ -36,13 +37,24 @@ def _die_with_parent() -> None:
         pass
 
 
-def _load(src: str, dtype_name: str, device: str, tokenizer=None):
+def _load(src: str, dtype_name: str, device: str, tokenizer=None, quant: str = "none"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from amusd_viz.engine.runner import Runner
 
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype_name))
+    if quant == "int8":
+        # Only ever the draft: it changes which tokens are proposed, never which are committed.
+        # On a CPU core, int8 matrix-vector products move a quarter of float32's bytes.
+        import warnings
+
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
+                                                           dtype=torch.qint8)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype_name))
     model.to(device).eval()
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(src)
     runner = Runner(model, device, tokenizer)
@@ -74,7 +86,7 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
             target = _load(spec.target_src, spec.dtype, device.torch_device)
         if spec.draft_src:
             draft = _load(spec.draft_src, spec.dtype, device.torch_device,
-                          target.tokenizer if target else None)
+                          target.tokenizer if target else None, spec.draft_quant)
         for runner in (target, draft):
             if runner is not None and shared is not None:
                 runner.device_lock = shared.device_lock
@@ -94,6 +106,8 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
             run_id, req = msg
             if spec.strategy == "ar":
                 result = loops.ar_loop(req, target, str(device), emit)
+            elif spec.strategy in ("hf-generate", "hf-assisted"):
+                result = loops.hf_loop(req, target, draft, str(device), emit)
             elif spec.strategy == "sync":
                 result = loops.sync_loop(req, target, draft, str(device), emit)
             elif role == "target":

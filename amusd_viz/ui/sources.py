@@ -60,7 +60,7 @@ class LiveSource:
         return path.with_name(f"{path.stem}.run{run_no}{path.suffix}")
 
     def _job(self, app, prepared, run_no: int, prompt: str, lookahead: int) -> None:
-        from amusd_viz.cli import log_config
+        from amusd_viz.cli import engine_extra, log_config
         from amusd_viz.engine.run import execute
         from amusd_viz.engine.session import RunCancelled
         from amusd_viz.eventlog import JsonlRecorder, make_header
@@ -75,7 +75,7 @@ class LiveSource:
                 cfg.update(strategy=prepared.strategy, lookahead=lookahead)
                 recorder = JsonlRecorder(path, make_header(cfg))
             summary = execute(prepared, FanOut(sink, recorder), prompt, self.args.max_new_tokens,
-                              lookahead, engine_extra={"stall_timeout": self.args.stall_timeout},
+                              lookahead, engine_extra=engine_extra(self.args, prepared.draft_device),
                               on_engine=self._set_engine)
             if self.args.summary_json and self.run_no == run_no:
                 self.args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
