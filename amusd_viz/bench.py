@@ -314,7 +314,8 @@ def bench_command(args) -> int:
             target_device, draft_device = devices_for(kind, gpus, cores)
             sink = EventList()
             cfg = prepared.engine_config(strategy, draft_quant=quant,
-                                         stall_timeout=args.stall_timeout)
+                                         stall_timeout=args.stall_timeout,
+                                         wait_steps=args.wait_steps)
             cfg.target_device, cfg.draft_device = target_device, draft_device
             bar.set_postfix_str(f"{label}: loading")
             engine = Engine(cfg, sink)

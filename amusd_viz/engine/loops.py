@@ -153,6 +153,41 @@ def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Em
     return c.outcome
 
 
+class Pace:
+    """What the verifier knows of the run so far: its pass time and the draft's acceptance
+    (moving averages). With them it picks how many drafts a pass is worth waiting for: the n
+    that maximises expected tokens per second, E(n) / (n·draft_step + pass), where
+    E(n) = (1 - a^(n+1)) / (1 - a) (DESIGN.md §1)."""
+
+    def __init__(self) -> None:
+        self.accepts, self.rejects = 4.0, 1.0  # a prior of 0.8, soon outweighed
+        self.pass_s: float | None = None
+
+    @property
+    def acceptance(self) -> float:
+        return min(0.98, self.accepts / (self.accepts + self.rejects))
+
+    def observe(self, pass_s: float | None, proposed: int, accepted: int | None) -> None:
+        if pass_s is not None:
+            self.pass_s = pass_s if self.pass_s is None else 0.8 * self.pass_s + 0.2 * pass_s
+        if accepted is not None and proposed:
+            # a geometric run: `accepted` successes, then one failure unless all were accepted
+            self.accepts = 0.9 * self.accepts + accepted
+            self.rejects = 0.9 * self.rejects + (accepted < proposed)
+
+    def best_batch(self, draft_step_s: float, limit: int) -> int:
+        if not self.pass_s or draft_step_s <= 0:
+            return 1
+        a = self.acceptance
+        best_n, best = 0, 1.0 / self.pass_s
+        for n in range(1, limit + 1):
+            expected = (1 - a ** (n + 1)) / (1 - a)
+            rate = expected / (n * draft_step_s + self.pass_s)
+            if rate > best:
+                best_n, best = n, rate
+        return best_n
+
+
 def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: Emit) -> Outcome:
     """The verifier: never waits for the draft. Each pass checks whatever draft tokens extend the
     committed text (up to the lookahead); with none, it decodes one token on its own."""
@@ -163,16 +198,22 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
     emit(_forward_event(req, target, "target", device, "prefill", fed, start, end))
     committed = c.commit([int(logits[0].argmax())], ["decoded"], [target.top(logits[0])])
     shared.publish_committed(c.seq, n_prompt, done=c.done)
+    pace = Pace()
     while not c.done:
         limit = min(req.lookahead, c.remaining - 1)
         drafts = shared.read_drafts(c.seq, n_prompt, limit)
-        if not drafts and limit > 0 and req.wait_steps > 0:
-            drafts = shared.wait_for_drafts(c.seq, n_prompt, limit, req.wait_steps)
+        if req.wait_steps and limit > 0 and shared.draft_alive:
+            want = min(limit, pace.best_batch(shared.draft_step_s(), limit))
+            if len(drafts) < want:
+                timeout = req.wait_steps * (want - len(drafts)) * shared.draft_step_s()
+                drafts = shared.wait_for_drafts(c.seq, n_prompt, limit, want, timeout)
         logits, fed, start, end = target.forward(c.seq + drafts, len(drafts) + 1)
+        pace.observe((end - start) / 1e9, len(drafts), None)
         emit(_forward_event(req, target, "target", device, "verify" if drafts else "decode",
                             fed, start, end))
         start_pos = c.n_new
         accepted, new, hows, tops = judge(target, logits, drafts)
+        pace.observe(None, len(drafts), accepted)
         committed = c.commit(new, hows, tops)
         shared.publish_committed(c.seq, n_prompt, done=c.done)
         emit(VerifyResult(t=_secs(req, end), start_pos=start_pos, proposed=drafts,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amusd_viz import stats
-from amusd_viz.errors import RunFailed, UserError
+from amusd_viz.errors import UserError
 from amusd_viz.events import EventList, FanOut, RunFinished, RunStarted
 from amusd_viz.engine.session import Engine, EngineConfig, Generation
 from amusd_viz.models import registry
@@ -152,8 +152,6 @@ def execute(p: Prepared, sink, prompt: str, max_new_tokens: int, lookahead: int,
         gen = engine.generate(prompt_ids, max_new_tokens, lookahead, p.eos_ids)
         out.emit(RunFinished(t=gen.end_t, new_tokens=len(gen.token_ids), wall_s=gen.wall_s,
                              stop_reason=gen.stop_reason, started_at=gen.start_t))
-    except RunFailed:
-        raise
     finally:
         engine.close()
     return summarize(p, strategy, gen, kept.events, prompt_ids)

@@ -91,19 +91,18 @@ class SharedState:
                 meta[5] = int(0.8 * meta[5] + 0.2 * step_s * 1e6) if meta[5] else int(step_s * 1e6)
         self.drafted.set()
 
-    def wait_for_drafts(self, committed: list[int], n_prompt: int, limit: int,
-                        steps: float) -> list[int]:
-        """Drafts extending `committed`, waiting (blocked, not spinning) at most `steps` draft
-        steps for the first one: a pass with one draft yields 1 + acceptance tokens for little
-        more than the cost of a lone decode."""
+    def wait_for_drafts(self, committed: list[int], n_prompt: int, limit: int, want: int,
+                        timeout: float) -> list[int]:
+        """Drafts extending `committed`: blocks (never spins) until `want` of them exist, the
+        timeout passes, or the draft is gone; returns what is there then."""
         import time
 
-        deadline = time.monotonic() + steps * self.draft_step_s()
+        deadline = time.monotonic() + timeout
         while True:
             self.drafted.clear()
             drafts = self.read_drafts(committed, n_prompt, limit)
             left = deadline - time.monotonic()
-            if drafts or left <= 0 or not self.draft_alive:
+            if len(drafts) >= want or left <= 0 or not self.draft_alive:
                 return drafts
             self.drafted.wait(left)
 

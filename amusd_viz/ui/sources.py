@@ -82,7 +82,9 @@ class LiveSource:
             self.exit_code = 0
         except RunCancelled:
             pass
-        except (RunFailed, UserError) as exc:
+        except RunFailed:  # the engine has already emitted the error event
+            self.exit_code = 1
+        except UserError as exc:
             self.exit_code = 1
             sink.emit(Error(t=0.0, message=str(exc)))
         except Exception as exc:  # noqa: BLE001 - shown in the app, never a silent hang

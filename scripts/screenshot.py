@@ -1,0 +1,28 @@
+"""Render the TUI on a recorded real run to an SVG (the README's screenshot).
+
+    python scripts/screenshot.py assets/sample-amusd-prose.jsonl assets/screenshot.svg [CURSOR]
+"""
+
+import asyncio
+import sys
+from pathlib import Path
+
+from amusd_viz.eventlog import read_log
+from amusd_viz.ui.app import AmusdApp
+from amusd_viz.ui.sources import ReplaySource
+
+
+async def main(log: Path, out: Path, cursor: int | None) -> None:
+    app = AmusdApp(ReplaySource(read_log(log).events, 1e9, log.name))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause(0.5)
+        if cursor is not None:
+            app.cursor = cursor
+        app._redraw(force=True)
+        await pilot.pause(0.2)
+        app.save_screenshot(filename=out.name, path=str(out.parent))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2]),
+                     int(sys.argv[3]) if len(sys.argv) > 3 else None))

@@ -1,0 +1,86 @@
+"""The bundled default pair, as users run it (skipped where it is not installed). The first test
+to need it converts it once (about two minutes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import real_model
+
+pytestmark = [real_model, pytest.mark.real_model]
+
+PROMPT = "Write a Python function that returns the square of a number."
+
+
+def headless(*args, timeout=900):
+    out = subprocess.run([sys.executable, "-m", "amusd_viz", "--headless", "--prompt", PROMPT, *args],
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def float32_runs():
+    """The exact mode: ar and amusd in float32 must agree token for token."""
+    return {s: headless("--strategy", s, "--dtype", "float32", "--max-new-tokens", "12")
+            for s in ("ar", "amusd")}
+
+
+def test_amusd_equals_the_target_alone_in_float32(float32_runs):
+    ar, amusd = float32_runs["ar"], float32_runs["amusd"]
+    assert amusd["token_ids"] == ar["token_ids"]
+    assert amusd["new_tokens"] == 12 and amusd["text"] == ar["text"]
+    assert amusd["draft"] == "qwen-coder-0.5b" and amusd["target"] == "qwen-coder-1.5b"
+    assert amusd["lossless_note"] is None
+
+
+def test_headless_bf16_run_summary_and_log(tmp_path):
+    events, summary_file = tmp_path / "run.jsonl", tmp_path / "summary.json"
+    summary = headless("--max-new-tokens", "24", "--events", str(events),
+                       "--summary-json", str(summary_file))
+    assert json.loads(summary_file.read_text()) == summary
+    for key in ("strategy", "draft", "target", "prompt_tokens", "new_tokens", "token_ids", "text",
+                "wall_s", "ms_per_token", "mean_accepted_per_pass", "acceptance_rate"):
+        assert key in summary
+    assert summary["new_tokens"] == 24 and len(summary["token_ids"]) == 24
+    assert summary["prompt_tokens"] > 10  # the chat template was applied
+    assert "def" in summary["text"]
+    assert summary["wall_s"] > 0 and summary["acceptance_rate"] is not None
+    assert "near-tie" in summary["lossless_note"]
+    from amusd_viz.eventlog import read_log
+    from amusd_viz.stats import compute
+
+    log = read_log(events)
+    assert [e.token_id for e in log.events if e.type == "token_committed"] == summary["token_ids"]
+    stats = compute(log.events)
+    assert stats.overlap and stats.overlap > 0.4  # both devices really worked at once
+    assert log.header.packages["torch"]
+
+
+def test_models_lists_local_paths_after_first_use(float32_runs):
+    out = subprocess.run([sys.executable, "-m", "amusd_viz", "models", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    for name in ("qwen-coder-0.5b", "qwen-coder-1.5b"):
+        assert rows[name]["available"] and rows[name]["path"]
+        assert rows[name]["source"] == "bundled"
+
+
+def test_tokenizer_mismatch_with_a_real_model(tmp_path, tiny_models):
+    out = subprocess.run([sys.executable, "-m", "amusd_viz", "--headless", "--draft",
+                          str(tiny_models["target"]), "--max-new-tokens", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "different tokenizers" in out.stderr and "qwen-coder-1.5b" in out.stderr
+
+
+def test_prompt_longer_than_the_context(tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 40000)
+    out = subprocess.run([sys.executable, "-m", "amusd_viz", "--headless", "--prompt-file",
+                          str(long)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "exceeds the target's context" in out.stderr

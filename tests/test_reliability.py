@@ -1,0 +1,141 @@
+"""Faults: a dying draft, a dying target, Ctrl+C and SIGTERM, on tiny models through the real
+command line. No orphan process survives any of them, and the event log stays valid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from amusd_viz.eventlog import read_log
+from amusd_viz.engine.session import Engine, EngineConfig
+from amusd_viz.errors import RunFailed
+from amusd_viz.events import EventList
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _wait_gone(pids, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def cli(tiny_models, *extra, max_new=300):
+    return [sys.executable, "-m", "amusd_viz", "--headless", "--dtype", "float32",
+            "--draft-quant", "none", "--draft", str(tiny_models["draft_far"]),
+            "--target", str(tiny_models["target"]), "--prompt", "t5 t6 t7",
+            "--max-new-tokens", str(max_new), *extra]
+
+
+def worker_pids(log_path: Path, timeout=60.0) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log_path.exists():
+            pids = {}
+            for line in log_path.read_text().splitlines():
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if e.get("type") == "worker_ready":
+                    pids[e["role"]] = e["pid"]
+            if len(pids) == 2:
+                return pids
+        time.sleep(0.1)
+    raise AssertionError("workers never became ready")
+
+
+def test_killing_the_draft_keeps_every_token(tiny_models, tmp_path):
+    events = tmp_path / "run.jsonl"
+    proc = subprocess.Popen(cli(tiny_models, "--events", str(events), "--max-new-tokens", "400"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = worker_pids(events)
+    while sum(1 for l in events.read_text().splitlines() if '"token_committed"' in l) < 20:
+        time.sleep(0.02)
+    os.kill(pids["draft"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["new_tokens"] == 400 and summary["draft_lost"] is True
+    log = read_log(events)
+    lost = [e for e in log.events if e.type == "worker_lost"]
+    assert lost and lost[0].role == "draft"
+    commits = [e.pos for e in log.events if e.type == "token_committed"]
+    assert commits == list(range(400))
+    assert _wait_gone(pids.values()) == []
+
+
+def test_killing_the_target_ends_the_run_with_an_error(tiny_models, tmp_path):
+    events = tmp_path / "run.jsonl"
+    proc = subprocess.Popen(cli(tiny_models, "--events", str(events), "--max-new-tokens", "5000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = worker_pids(events)
+    time.sleep(0.5)
+    os.kill(pids["target"], signal.SIGKILL)
+    start = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 20
+    assert proc.returncode == 1
+    assert "target worker" in err and "Traceback" not in err
+    log = read_log(events)  # valid up to the failure
+    assert any(e.type == "error" and e.role == "target" for e in log.events)
+    assert _wait_gone(pids.values()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_stops_everything(tiny_models, tmp_path, sig):
+    events = tmp_path / "run.jsonl"
+    proc = subprocess.Popen(cli(tiny_models, "--events", str(events), "--max-new-tokens", "5000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = worker_pids(events)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    start = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - start < 10
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert _wait_gone(pids.values()) == []
+    read_log(events)  # still a valid log
+
+
+def test_interrupt_while_loading(tiny_models, tmp_path):
+    proc = subprocess.Popen(cli(tiny_models), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(3)  # imports and worker start-up
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode in (130, 0)
+    assert _wait_gone([int(p) for p in children]) == []
+
+
+def test_stalled_target_is_treated_as_lost(tiny_models):
+    """A worker that stops making progress (SIGSTOP) fails the run after --stall-timeout."""
+    sink = EventList()
+    engine = Engine(EngineConfig("amusd", str(tiny_models["target"]), str(tiny_models["draft_far"]),
+                                 "cpu:0", "cpu:1", "float32", stall_timeout=3.0), sink)
+    try:
+        engine.start()
+        engine.wait_ready()
+        os.kill(engine.pids()["target"], signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(RunFailed, match="no progress"):
+            engine.generate([5, 6, 7], 2000, 3, frozenset())
+        assert time.monotonic() - start < 15
+    finally:
+        engine.close()
+    assert _wait_gone(engine.pids().values()) == []

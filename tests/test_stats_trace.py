@@ -1,0 +1,91 @@
+"""Statistics and the Perfetto export, on the recorded real runs shipped in assets/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from amusd_viz.cli import main
+from amusd_viz.eventlog import read_log
+from amusd_viz.stats import compute
+from amusd_viz.trace import to_trace
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+PROSE = ASSETS / "sample-amusd-prose.jsonl"
+CODE = ASSETS / "sample-amusd-code.jsonl"
+
+
+def test_stats_agree_with_the_events():
+    events = read_log(PROSE).events
+    s = compute(events)
+    verifies = [e for e in events if e.type == "verify_result" and e.proposed]
+    assert s.verify_passes == len(verifies)
+    proposed = sum(len(e.proposed) for e in verifies)
+    accepted = sum(e.accepted for e in verifies)
+    assert s.acceptance_rate == pytest.approx(accepted / proposed)
+    assert s.mean_accepted_per_pass == pytest.approx(accepted / len(verifies))
+    assert sum(s.accepted_histogram.values()) == len(verifies)
+    assert s.rollbacks == sum(1 for e in events if e.type == "rollback")
+    assert s.wasted_draft_tokens == sum(len(e.discarded) for e in events if e.type == "rollback")
+    assert s.new_tokens == 64
+    finished = events[-1]
+    assert s.ms_per_token == pytest.approx(1000 * finished.wall_s / 64)
+    assert set(s.busy) == {"draft@cpu:1", "target@cpu:0"}
+    assert all(0 < v <= 1 for v in s.busy.values())
+    assert 0 < s.overlap <= min(s.busy.values())
+    assert all(0 <= r <= 1 for r in s.acceptance_by_position)
+    assert sum(s.how.values()) == 64
+
+
+def test_stats_command_prints_every_figure(capsys):
+    assert main(["stats", str(CODE)]) == 0
+    out = capsys.readouterr().out
+    for label in ("acceptance rate", "mean accepted / pass", "acceptance by position",
+                  "accepted per pass", "rollbacks", "wasted draft tokens", "ms / token",
+                  "busy draft@cpu:1", "busy target@cpu:0", "both devices busy"):
+        assert label in out
+    assert main(["stats", str(CODE), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["new_tokens"] == 64 and data["strategy"] == "amusd"
+
+
+def test_trace_has_named_device_lanes_and_valid_events(tmp_path):
+    out = tmp_path / "trace.json"
+    assert main(["export-trace", str(PROSE), "-o", str(out)]) == 0
+    trace = json.loads(out.read_text())
+    events = trace["traceEvents"]
+    lanes = {e["tid"]: e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    assert sorted(lanes.values()) == ["draft @ cpu:1", "target @ cpu:0"]
+    for e in events:  # the Chrome trace event format's required fields per phase
+        assert e["ph"] in {"M", "X", "i", "C"}
+        assert isinstance(e["pid"], int)
+        if e["ph"] == "X":
+            assert e["dur"] >= 0 and e["ts"] >= 0 and e["tid"] in lanes and "phase" in e["args"]
+        if e["ph"] == "C":
+            assert all(isinstance(v, (int, float)) for v in e["args"].values())
+        if e["ph"] == "i":
+            assert e["s"] in {"t", "p", "g"}
+    spans = [e for e in events if e["ph"] == "X" and e["cat"] == "verify"]
+    assert spans and all("accepted" in e["args"] for e in spans)
+    assert any(e["ph"] == "i" and e["name"] == "rollback" for e in events)
+    counters = {e["name"] for e in events if e["ph"] == "C"}
+    assert {"tokens/s", "acceptance rate"} <= counters
+
+
+def test_trace_of_a_log_without_drafts():
+    events = [e for e in read_log(CODE).events if e.type in ("run_started", "forward")]
+    trace = to_trace(events)
+    assert trace["traceEvents"][0]["ph"] == "M"
+
+
+def test_corrupted_log_exit_2_naming_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    lines = CODE.read_text().splitlines()
+    lines[5] = lines[5][:20] + "}{"
+    bad.write_text("\n".join(lines) + "\n")
+    for command in (["stats", str(bad)], ["export-trace", str(bad), "-o", str(tmp_path / "t.json")],
+                    ["replay", str(bad)]):
+        assert main(command) == 2
+        assert "bad.jsonl:6" in capsys.readouterr().err

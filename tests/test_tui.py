@@ -1,0 +1,228 @@
+"""The TUI, driven by Textual's Pilot: replays of a recorded real run (deterministic), and live
+runs of tiny models (a crash is shown, quitting leaves no worker)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from amusd_viz.eventlog import read_log
+from amusd_viz.ui.app import AmusdApp, HelpScreen
+from amusd_viz.ui.sources import ReplaySource
+from amusd_viz.ui.widgets import Inspector, RunHeader, TokenStream
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+PROSE = ASSETS / "sample-amusd-prose.jsonl"
+SIZE = (160, 48)
+
+
+def replay_app(speed=1e9, path=PROSE):
+    return AmusdApp(ReplaySource(read_log(path).events, speed, path.name))
+
+
+def plain(widget) -> str:
+    content = widget.render()
+    return str(getattr(content, "plain", content))
+
+
+async def test_replay_shows_the_whole_run():
+    app = replay_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)
+        state = app.state
+        assert state.status == "done" and len(state.tokens) == 64
+        text = plain(app.query_one(TokenStream))
+        assert "coastal" in text or "morning" in text
+        header = plain(app.query_one(RunHeader))
+        assert "qwen-coder-0.5b" in header and "cpu:1" in header and "cpu:0" in header
+        await pilot.press("q")
+    assert app.return_code == 0
+
+
+async def test_inspector_follows_the_cursor():
+    app = replay_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)
+        await pilot.press("left")  # cursor onto the last token
+        assert app.cursor == 63
+        await pilot.press("home")
+        assert app.cursor == 0
+        await pilot.press("right", "right")
+        assert app.cursor == 2
+        text = plain(app.query_one(Inspector))
+        assert "position 2" in text and "target top-5" in text and "%" in text
+        # a correction shows the rejected draft token
+        corrections = [t.pos for t in app.state.tokens if t.how == "correction"]
+        assert corrections
+        app.cursor = corrections[0]
+        app._redraw(force=True)
+        assert "rejected" in plain(app.query_one(Inspector))
+
+
+async def test_replay_pause_step_and_seek():
+    app = replay_app(speed=1.0)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("space")
+        assert app.source.paused
+        before = len(app.state.tokens)
+        await pilot.press("j")
+        await pilot.pause(0.3)
+        assert len(app.state.tokens) == before + 1
+        app.source.seek(app, "#40")
+        await pilot.pause(0.3)
+        assert len(app.state.tokens) == 41
+        app.source.seek(app, "0.5")
+        await pilot.pause(0.3)
+        assert len(app.state.tokens) < 41
+        with pytest.raises(ValueError):
+            app.source.seek(app, "#999")
+        await pilot.press("greater_than_sign")
+        assert app.source.speed == 2.0
+
+
+async def test_help_screen_and_timeline_zoom():
+    app = replay_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.2)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        timeline = app.query_one("#timeline")
+        before = timeline.seconds_per_cell
+        await pilot.press("minus")
+        assert timeline.seconds_per_cell == before * 2
+        await pilot.press("left_curly_bracket")
+        assert timeline.follow is False
+        await pilot.press("f")
+        assert timeline.follow is True
+
+
+async def test_replay_cannot_start_models():
+    app = replay_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("1")
+        await pilot.pause(0.1)
+        assert app.state.strategy == "amusd"  # nothing was re-run
+
+
+async def test_save_writes_a_valid_log_and_trace(tmp_path):
+    app = AmusdApp(ReplaySource(read_log(PROSE).events, 1e9), save_dir=tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)
+        await pilot.press("s")
+    logs = list(tmp_path.glob("*.jsonl"))
+    traces = list(tmp_path.glob("*.trace.json"))
+    assert len(logs) == 1 and len(traces) == 1
+    assert len(read_log(logs[0]).events) == len(read_log(PROSE).events)
+
+
+def test_snapshot_of_a_recorded_run(snap_compare):
+    assert snap_compare(replay_app(), terminal_size=SIZE, run_before=_settle)
+
+
+def test_snapshot_inspector_on_a_correction(snap_compare):
+    async def select_correction(pilot):
+        await _settle(pilot)
+        app = pilot.app
+        app.cursor = next(t.pos for t in app.state.tokens if t.how == "correction")
+        app._redraw(force=True)
+        await pilot.pause(0.1)
+
+    assert snap_compare(replay_app(), terminal_size=SIZE, run_before=select_correction)
+
+
+async def _settle(pilot):
+    await pilot.pause(0.5)
+    pilot.app._redraw(force=True)
+    await pilot.pause(0.1)
+
+
+# live runs on tiny models ---------------------------------------------------------------------
+
+def live_app(tiny_models, monkeypatch, faults=None, max_new=30):
+    from amusd_viz import cli
+    from amusd_viz.engine.run import prepare
+    from amusd_viz.ui.sources import LiveSource
+
+    args = argparse.Namespace(strategy="amusd", lookahead=3, max_new_tokens=max_new,
+                              stall_timeout=60.0, events=None, summary_json=None,
+                              draft=str(tiny_models["draft_near"]), target=str(tiny_models["target"]),
+                              dtype="float32", draft_quant="none", draft_device=None,
+                              target_device=None)
+    base = cli.engine_extra
+
+    def with_faults(a, d):
+        extra = base(a, d)
+        extra["faults"] = faults or {}
+        return extra
+
+    monkeypatch.setattr(cli, "engine_extra", with_faults)
+    prepared = prepare("amusd", args.draft, args.target, "cpu:0", "cpu:1", "float32")
+    source = LiveSource(prepared, args, "t5 t6 t7 t8", lambda s: cli.resolve_devices(args, s))
+    return AmusdApp(source), source
+
+
+async def _wait_for(pilot, condition, timeout=90.0):
+    waited = 0.0
+    while not condition() and waited < timeout:
+        await pilot.pause(0.25)
+        waited += 0.25
+    assert condition(), "timed out"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_live_run_rerun_and_quit_leave_no_worker(tiny_models, monkeypatch):
+    app, source = live_app(tiny_models, monkeypatch)
+    async with app.run_test(size=SIZE) as pilot:
+        await _wait_for(pilot, lambda: app.state.status == "done")
+        assert len(app.state.tokens) == 30
+        pids = [e.pid for e in app.state.events if e.type == "worker_ready"]
+        assert len(pids) == 2
+        await pilot.press("1")  # race the same prompt with ar
+        await _wait_for(pilot, lambda: app.state.strategy == "ar" and app.state.status == "done")
+        assert [t.token_id for t in app.state.tokens] == [t.token_id for t in app.history[-1].tokens]
+        await pilot.press("2")
+        await _wait_for(pilot, lambda: app.state.strategy == "sync" and app.state.status == "generating"
+                        or app.state.strategy == "sync" and app.state.status == "done")
+        running = [e.pid for e in app.state.events if e.type == "worker_ready"]
+        await pilot.press("q")
+    for pid in pids + running:
+        for _ in range(40):
+            if not _alive(pid):
+                break
+            import time
+            time.sleep(0.1)
+        assert not _alive(pid), f"worker {pid} survived quitting"
+
+
+async def test_live_draft_crash_is_shown_and_the_run_completes(tiny_models, monkeypatch):
+    app, _ = live_app(tiny_models, monkeypatch, faults={"draft": "die_after:4"})
+    async with app.run_test(size=SIZE) as pilot:
+        await _wait_for(pilot, lambda: app.state.status in ("done", "error"))
+        assert app.state.status == "done" and len(app.state.tokens) == 30
+        assert app.state.lost == ["draft"]
+        assert "draft worker lost" in plain(app.query_one(RunHeader))
+        await pilot.press("q")
+
+
+async def test_live_target_crash_shows_the_error_without_hanging(tiny_models, monkeypatch):
+    app, source = live_app(tiny_models, monkeypatch, faults={"target": "die_after:3"})
+    async with app.run_test(size=SIZE) as pilot:
+        await _wait_for(pilot, lambda: app.state.status == "error")
+        assert "target worker" in plain(app.query_one(RunHeader))
+        await pilot.press("q")
+    assert source.exit_code == 1
