@@ -241,7 +241,7 @@ def write_svg(path: Path, curves: dict[str, list[float]], title: str) -> None:
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
-def _result(name, prompt: Prompt, repeat, gen, events) -> Result:
+def _result(name: str, prompt: Prompt, repeat: int, gen, events) -> Result:
     s = _window_stats(events, gen)
     commits = [e for e in events if e.type == "token_committed"]
     n = max(1, len(gen.token_ids))
@@ -309,31 +309,33 @@ def bench_command(args) -> int:
     interrupted = False
     engine = None
     try:
-        for label, name, lookahead in runs:
-            strategy, kind, _ = KNOWN[name]
-            target_device, draft_device = devices_for(kind, gpus, cores)
-            sink = EventList()
-            cfg = prepared.engine_config(strategy, draft_quant=quant,
-                                         stall_timeout=args.stall_timeout,
-                                         wait_steps=args.wait_steps)
-            cfg.target_device, cfg.draft_device = target_device, draft_device
-            bar.set_postfix_str(f"{label}: loading")
-            engine = Engine(cfg, sink)
-            engine.start()
-            engine.wait_ready()
-            bar.set_postfix_str(f"{label}: warm-up")
-            engine.generate(encoded[0], min(16, args.max_new_tokens), lookahead, prepared.eos_ids)
-            for prompt, ids in zip(prompts, encoded):
-                for repeat in range(args.repeats):
+        # Rounds in A-B-B-A order: every repeat restarts each strategy's engine, and the reversed
+        # order of odd rounds cancels a linear drift of the machine's speed (this VM's plain
+        # decoding speed wandered by ±15% between back-to-back runs).
+        for repeat in range(args.repeats):
+            for label, name, lookahead in (runs if repeat % 2 == 0 else runs[::-1]):
+                strategy, kind, _ = KNOWN[name]
+                target_device, draft_device = devices_for(kind, gpus, cores)
+                sink = EventList()
+                cfg = prepared.engine_config(strategy, draft_quant=quant,
+                                             stall_timeout=args.stall_timeout,
+                                             wait_steps=args.wait_steps)
+                cfg.target_device, cfg.draft_device = target_device, draft_device
+                bar.set_postfix_str(f"{label}: loading")
+                engine = Engine(cfg, sink)
+                engine.start()
+                engine.wait_ready()
+                bar.set_postfix_str(f"{label}: warm-up")
+                engine.generate(encoded[0], min(16, args.max_new_tokens), lookahead,
+                                prepared.eos_ids)
+                for prompt, ids in zip(prompts, encoded):
                     bar.set_postfix_str(f"{label}: {prompt.id}")
                     sink.events = []
                     gen = engine.generate(ids, args.max_new_tokens, lookahead, prepared.eos_ids)
-                    result = _result(label, prompt, repeat, gen, sink.events)
-                    result.strategy = label
-                    results.append(result)
+                    results.append(_result(label, prompt, repeat, gen, sink.events))
                     bar.update()
-            engine.close()
-            engine = None
+                engine.close()
+                engine = None
     except (KeyboardInterrupt, RunCancelled):
         interrupted = True
         print("\namusd-viz bench: interrupted; results so far:", file=sys.stderr)

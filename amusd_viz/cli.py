@@ -174,9 +174,9 @@ def build_command_parser(command: str) -> argparse.ArgumentParser:
         g.add_argument("--lookahead", type=int_list, default=[DEFAULT_LOOKAHEAD], metavar="K[,K…]",
                        help=f"lookahead for sync and amusd; a list sweeps it (default: "
                             f"{DEFAULT_LOOKAHEAD})")
-        g.add_argument("--wait-steps", type=float, default=1.5, metavar="W",
-                       help="amusd: how long the target may wait for the drafts a pass is worth, "
-                            "in draft steps per missing draft; 0 never waits (default: 1.5)")
+        g.add_argument("--wait-steps", type=float, default=0.0, metavar="W",
+                       help="amusd, experimental: let the target wait up to W draft steps per "
+                            "draft it expects to be worth waiting for; 0 never waits (default: 0)")
         g.add_argument("--repeats", type=positive_int, default=1, metavar="N",
                        help="timed runs per prompt and strategy; the median is reported "
                             "(default: 1)")

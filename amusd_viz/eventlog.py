@@ -158,5 +158,8 @@ def parse_log(raw: str, name: str = "<log>") -> EventLog:
 
 def _first_problem(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "event"
+    loc = list(err.get("loc", ()))
+    if loc and loc[0] in EVENT_TYPES:  # pydantic prefixes the union's tag
+        loc = loc[1:]
+    where = ".".join(str(p) for p in loc) or "event"
     return f"{where}: {err.get('msg', 'invalid')}"

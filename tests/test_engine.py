@@ -75,7 +75,7 @@ def check_invariants(gen, events):
             assert e.committed[: e.accepted] == e.proposed[: e.accepted][: len(e.committed)]
 
 
-prompts = st.lists(st.integers(min_value=2, max_value=95), min_size=1, max_size=24)
+prompts = st.lists(st.integers(min_value=2, max_value=99), min_size=1, max_size=24)
 
 
 def test_ar_equals_transformers_generate(engines, tiny_models):

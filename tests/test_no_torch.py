@@ -16,13 +16,13 @@ class Block:
     def __init__(self, names): self.names = names
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in self.names:
-            raise ImportError(f'{name} is blocked in this test')
-sys.meta_path.insert(0, Block({names!r}))
+            raise ImportError(name + ' is blocked in this test')
+sys.meta_path.insert(0, Block(NAMES))
 """
 
 
 def run_blocked(names, code, timeout=120):
-    script = BLOCK.format(names=set(names)) + code
+    script = BLOCK.replace("NAMES", repr(set(names))) + code
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=timeout)
 

@@ -36,7 +36,7 @@ def _wait_gone(pids, timeout=10.0):
 def cli(tiny_models, *extra, max_new=300):
     return [sys.executable, "-m", "amusd_viz", "--headless", "--dtype", "float32",
             "--draft-quant", "none", "--draft", str(tiny_models["draft_far"]),
-            "--target", str(tiny_models["target"]), "--prompt", "t5 t6 t7",
+            "--target", str(tiny_models["target"]), "--prompt", "hello world",
             "--max-new-tokens", str(max_new), *extra]
 
 
@@ -63,7 +63,9 @@ def test_killing_the_draft_keeps_every_token(tiny_models, tmp_path):
     proc = subprocess.Popen(cli(tiny_models, "--events", str(events), "--max-new-tokens", "400"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = worker_pids(events)
-    while sum(1 for l in events.read_text().splitlines() if '"token_committed"' in l) < 20:
+    deadline = time.monotonic() + 60
+    while sum(1 for line in events.read_text().splitlines() if '"token_committed"' in line) < 20:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.02)
     os.kill(pids["draft"], signal.SIGKILL)
     out, err = proc.communicate(timeout=120)

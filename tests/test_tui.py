@@ -162,7 +162,7 @@ def live_app(tiny_models, monkeypatch, faults=None, max_new=30):
 
     monkeypatch.setattr(cli, "engine_extra", with_faults)
     prepared = prepare("amusd", args.draft, args.target, "cpu:0", "cpu:1", "float32")
-    source = LiveSource(prepared, args, "t5 t6 t7 t8", lambda s: cli.resolve_devices(args, s))
+    source = LiveSource(prepared, args, "def add(a, b):", lambda s: cli.resolve_devices(args, s))
     return AmusdApp(source), source
 
 

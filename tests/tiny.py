@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-VOCAB = 96
+VOCAB = 100
+SPECIALS = ["<pad>", "<eos>", "<bos>"]
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A byte-level, one-character-per-token tokenizer over printable ASCII (ids 3..97), the
+    shape transformers rebuilds for a qwen2 config, so prompts like "hello world" encode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1",
-                                   pad_token="t0")
+    chars = ["\u0120"] + [chr(c) for c in range(0x21, 0x7F)]  # byte-level: space is "Ġ"
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    vocab.update({f"<u{i}>": i for i in range(len(vocab), VOCAB)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>")
 
 
 def make_model(path: Path, seed: int, layers: int = 2, noise_from: Path | None = None,
@@ -34,7 +40,7 @@ def make_model(path: Path, seed: int, layers: int = 2, noise_from: Path | None =
     else:
         config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=512, tie_word_embeddings=False,
+                             max_position_embeddings=8192, tie_word_embeddings=False,
                              bos_token_id=2, eos_token_id=1, pad_token_id=0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         with torch.no_grad():  # sharper logits: fewer exact ties, more varied text

@@ -29,7 +29,7 @@ class Request:
     eos_ids: frozenset[int]
     t0_ns: int  # the run's zero on the shared monotonic clock
     max_ahead: int = 0  # amusd: how far the draft may run past the committed text (0: 2×lookahead)
-    wait_steps: float = 1.5  # amusd: with no draft to verify, wait up to this many draft steps
+    wait_steps: float = 0.0  # amusd: how long the target may wait for drafts (0: never waits)
 
 
 @dataclass
@@ -107,6 +107,21 @@ def judge(runner: Runner, logits, drafts: list[int]) -> tuple[int, list[int], li
     return accepted, new, hows, tops
 
 
+def verify(req: Request, c: Committer, target: Runner, device: str, drafts: list[int],
+           emit: Emit) -> int:
+    """One target pass over [last committed] + drafts: judge, commit, report. Returns how many
+    drafts were accepted."""
+    logits, fed, start, end = target.forward(c.seq + drafts, len(drafts) + 1)
+    emit(_forward_event(req, target, "target", device, "verify" if drafts else "decode",
+                        fed, start, end))
+    start_pos = c.n_new
+    accepted, new, hows, tops = judge(target, logits, drafts)
+    committed = c.commit(new, hows, tops)
+    emit(VerifyResult(t=_secs(req, end), start_pos=start_pos, proposed=drafts, accepted=accepted,
+                      committed=committed))
+    return accepted
+
+
 def ar_loop(req: Request, target: Runner, device: str, emit: Emit) -> Outcome:
     target.reset()
     c = Committer(req, target, emit)
@@ -140,52 +155,47 @@ def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Em
             drafts.append(token)
             if token in req.eos_ids:
                 break
-        logits, fed, start, end = target.forward(c.seq + drafts, len(drafts) + 1)
-        emit(_forward_event(req, target, "target", device, "verify" if drafts else "decode",
-                            fed, start, end))
         start_pos = c.n_new
-        accepted, new, hows, tops = judge(target, logits, drafts)
-        emit(VerifyResult(t=_secs(req, end), start_pos=start_pos, proposed=drafts,
-                          accepted=accepted, committed=new))
-        if accepted < len(drafts):
-            emit(Rollback(t=_secs(req, end), to_pos=start_pos + accepted, discarded=drafts[accepted:]))
-        c.commit(new, hows, tops)
+        accepted = verify(req, c, target, device, drafts, emit)
+        if accepted < len(drafts):  # the draft's cache drops these on its next forward pass
+            emit(Rollback(t=_secs(req, time.perf_counter_ns()), to_pos=start_pos + accepted,
+                          discarded=drafts[accepted:]))
     return c.outcome
 
 
 class Pace:
-    """What the verifier knows of the run so far: its pass time and the draft's acceptance
-    (moving averages). With them it picks how many drafts a pass is worth waiting for: the n
-    that maximises expected tokens per second, E(n) / (n·draft_step + pass), where
-    E(n) = (1 - a^(n+1)) / (1 - a) (DESIGN.md §1)."""
+    """What the verifier knows of the run so far: the draft's acceptance and the run's own
+    throughput (moving averages). A pass holding m drafts may wait for draft m+1 when that draft
+    is expected to add more tokens per second of waiting than the run is making anyway:
+    a^(m+1) / draft_step > throughput (a^(m+1): the chance all m+1 are accepted)."""
 
     def __init__(self) -> None:
         self.accepts, self.rejects = 4.0, 1.0  # a prior of 0.8, soon outweighed
-        self.pass_s: float | None = None
+        self.rate: float | None = None  # committed tokens per second
+        self._last_commit: float | None = None
 
     @property
     def acceptance(self) -> float:
         return min(0.98, self.accepts / (self.accepts + self.rejects))
 
-    def observe(self, pass_s: float | None, proposed: int, accepted: int | None) -> None:
-        if pass_s is not None:
-            self.pass_s = pass_s if self.pass_s is None else 0.8 * self.pass_s + 0.2 * pass_s
-        if accepted is not None and proposed:
+    def observe(self, proposed: int, accepted: int, committed: int) -> None:
+        now = time.perf_counter()
+        if proposed:
             # a geometric run: `accepted` successes, then one failure unless all were accepted
             self.accepts = 0.9 * self.accepts + accepted
             self.rejects = 0.9 * self.rejects + (accepted < proposed)
+        if self._last_commit is not None and now > self._last_commit:
+            rate = committed / (now - self._last_commit)
+            self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
+        self._last_commit = now
 
-    def best_batch(self, draft_step_s: float, limit: int) -> int:
-        if not self.pass_s or draft_step_s <= 0:
-            return 1
-        a = self.acceptance
-        best_n, best = 0, 1.0 / self.pass_s
-        for n in range(1, limit + 1):
-            expected = (1 - a ** (n + 1)) / (1 - a)
-            rate = expected / (n * draft_step_s + self.pass_s)
-            if rate > best:
-                best_n, best = n, rate
-        return best_n
+    def drafts_worth_waiting_for(self, draft_step_s: float, limit: int) -> int:
+        if self.rate is None or draft_step_s <= 0:
+            return 0
+        want = 0
+        while want < limit and self.acceptance ** (want + 1) / draft_step_s > self.rate:
+            want += 1
+        return want
 
 
 def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: Emit) -> Outcome:
@@ -203,21 +213,15 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
         limit = min(req.lookahead, c.remaining - 1)
         drafts = shared.read_drafts(c.seq, n_prompt, limit)
         if req.wait_steps and limit > 0 and shared.draft_alive:
-            want = min(limit, pace.best_batch(shared.draft_step_s(), limit))
+            step = shared.draft_step_s()
+            want = pace.drafts_worth_waiting_for(step, limit)
             if len(drafts) < want:
-                timeout = req.wait_steps * (want - len(drafts)) * shared.draft_step_s()
-                drafts = shared.wait_for_drafts(c.seq, n_prompt, limit, want, timeout)
-        logits, fed, start, end = target.forward(c.seq + drafts, len(drafts) + 1)
-        pace.observe((end - start) / 1e9, len(drafts), None)
-        emit(_forward_event(req, target, "target", device, "verify" if drafts else "decode",
-                            fed, start, end))
-        start_pos = c.n_new
-        accepted, new, hows, tops = judge(target, logits, drafts)
-        pace.observe(None, len(drafts), accepted)
-        committed = c.commit(new, hows, tops)
+                drafts = shared.wait_for_drafts(c.seq, n_prompt, limit, want,
+                                                req.wait_steps * (want - len(drafts)) * step)
+        before = c.n_new
+        accepted = verify(req, c, target, device, drafts, emit)
         shared.publish_committed(c.seq, n_prompt, done=c.done)
-        emit(VerifyResult(t=_secs(req, end), start_pos=start_pos, proposed=drafts,
-                          accepted=accepted, committed=committed))
+        pace.observe(len(drafts), accepted, c.n_new - before)
     return c.outcome
 
 

@@ -42,6 +42,9 @@ class Prepared:
         return tok(prompt).input_ids
 
     def check_length(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        if not prompt_ids:
+            raise UserError("the prompt encodes to no tokens for this tokenizer. Write a prompt "
+                            "with some text in it.")
         if self.max_context and len(prompt_ids) + max_new_tokens > self.max_context:
             raise UserError(
                 f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {max_new_tokens} "

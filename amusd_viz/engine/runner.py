@@ -32,7 +32,7 @@ class Runner:
         self.cache: DynamicCache | None = None
         self._texts: dict[int, str] = {}
         self.is_cuda = self.device.type == "cuda"
-        self.device_lock = None  # set when another process shares this device
+        self.turn = contextlib.nullcontext  # a shared device: SharedState.device_turn
 
     def reset(self) -> None:
         self.ids = []
@@ -53,7 +53,7 @@ class Runner:
         keep = min(common_prefix(self.ids, seq), len(seq) - n_logits)
         self.crop(keep)
         feed = seq[keep:]
-        with self.device_lock or contextlib.nullcontext():
+        with self.turn():
             start = time.perf_counter_ns()
             out = self.model(
                 input_ids=torch.tensor([feed], dtype=torch.long, device=self.device),

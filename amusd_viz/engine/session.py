@@ -4,8 +4,8 @@ the sink, and notices a worker that died or stalled. Imports no torch."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue
 import time
+from multiprocessing.connection import wait as wait_readable
 from dataclasses import dataclass, field
 
 from amusd_viz.errors import RunFailed
@@ -31,7 +31,7 @@ class EngineConfig:
     dtype: str = "bfloat16"
     capacity: int = 65536  # max tokens (prompt + generated) the shared arrays hold
     stall_timeout: float = 300.0  # seconds without a target event before the run is failed
-    wait_steps: float = 1.5  # amusd: the target waits up to this many draft steps for a draft
+    wait_steps: float = 0.0  # amusd: >0 lets the target wait for drafts (Pace; docs/protocol.md)
     draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
     faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
 
@@ -54,8 +54,10 @@ class _Worker:
     spec: WorkerSpec
     process: mp.process.BaseProcess
     requests: object
+    events: object  # the read end of this worker's own event pipe
     ready: bool = False
     lost: bool = False
+    closed: bool = False  # its event pipe reached EOF
 
 
 class Engine:
@@ -67,7 +69,6 @@ class Engine:
         self.t0_ns = t0_ns if t0_ns is not None else time.perf_counter_ns()
         self.workers: dict[str, _Worker] = {}
         self._ctx = mp.get_context("spawn")
-        self._events = None
         self.shared: SharedState | None = None
         self._run_id = 0
         self._closed = False
@@ -79,7 +80,6 @@ class Engine:
     # lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
-        self._events = self._ctx.Queue()
         if cfg.strategy == "amusd":
             self.shared = SharedState(self._ctx, cfg.capacity, one_device=(
                 (cfg.draft_device or cfg.target_device) == cfg.target_device))
@@ -96,11 +96,15 @@ class Engine:
                                 self.t0_ns,
                                 cfg.faults.get("target", ""), cfg.draft_quant)]
         for spec in specs:
+            # One event pipe per worker: a worker killed mid-message can only tear its own pipe
+            # (one shared queue would leave its lock held and block the other worker).
             requests = self._ctx.Queue()
+            events, worker_end = self._ctx.Pipe(duplex=False)
             process = self._ctx.Process(target=worker_main, name=f"amusd-viz-{spec.role}",
-                                        args=(spec, requests, self._events, self.shared), daemon=True)
+                                        args=(spec, requests, worker_end, self.shared), daemon=True)
             process.start()
-            self.workers[spec.role] = _Worker(spec, process, requests)
+            worker_end.close()  # so a dead worker's pipe reads EOF here
+            self.workers[spec.role] = _Worker(spec, process, requests, events)
 
     def wait_ready(self) -> None:
         self._pump(lambda: all(w.ready or w.lost for w in self.workers.values()), phase="loading")
@@ -129,10 +133,9 @@ class Engine:
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(1.0)
-        if self._events is not None:
-            self._events.cancel_join_thread()
         for w in self.workers.values():
             w.requests.cancel_join_thread()
+            w.events.close()
 
     def cancel(self) -> None:
         """Stop now, from any thread: kill the workers; a running generate() raises RunCancelled."""
@@ -180,10 +183,7 @@ class Engine:
         while not finished():
             if self._cancelled:
                 raise RunCancelled()
-            try:
-                msg = self._events.get(timeout=0.2)
-            except queue.Empty:
-                msg = None
+            msg = self._next_message()
             if isinstance(msg, tuple):
                 kind, role = msg[0], msg[1]
                 if kind == "ready":
@@ -199,7 +199,7 @@ class Engine:
                     last_target_news = time.monotonic()
                 self.sink.emit(msg)
             for role, w in self.workers.items():
-                if not w.lost and not w.process.is_alive() and msg is None:
+                if not w.lost and (w.closed or msg is None) and not w.process.is_alive():
                     self._lose(role, f"the {role} worker (pid {w.process.pid}) exited with code "
                                f"{w.process.exitcode}", phase)
             if phase == "generating":
@@ -211,6 +211,16 @@ class Engine:
                     draft_done_deadline = draft_done_deadline or time.monotonic() + 10.0
                     if time.monotonic() > draft_done_deadline and not self.workers["draft"].lost:
                         self._lose("draft", "the draft worker did not stop after the run", phase)
+
+    def _next_message(self):
+        """The next message from any worker, or None after 0.2 s without one."""
+        open_pipes = {w.events: w for w in self.workers.values() if not w.lost and not w.closed}
+        for conn in wait_readable(list(open_pipes), timeout=0.2):
+            try:
+                return conn.recv()
+            except (EOFError, OSError):  # the worker is gone; its exit code tells the rest
+                open_pipes[conn].closed = True
+        return None
 
     def _lose(self, role: str, message: str, phase: str) -> None:
         if self._cancelled:

@@ -1,23 +1,28 @@
-"""What the two AMUSD workers share: two token arrays in shared memory and one wake-up event.
+"""What the two AMUSD workers share: two token arrays in shared memory and two wake-up events.
 
 - `committed`: written only by the target (the verified text); `committed_len`, `done`.
 - `drafts`: written only by the draft (its whole sequence: committed prefix + proposals).
-One lock guards both arrays for the microseconds of a copy; the draft blocks on `wakeup` (set by
-every commit) only when it has nothing to do, so no core spins. The target never blocks on the
-draft: it reads whatever drafts extend the committed text at the start of each pass.
+Each array has one writer, so it is guarded by a sequence counter instead of a lock (a seqlock):
+the writer makes the counter odd, writes, makes it even; a reader retries a copy that overlapped a
+write. Nobody ever waits on a lock the other process holds, so a worker killed mid-write cannot
+block the survivor. The draft blocks on `wakeup` (set by every commit) only when it has nothing to
+do, so no core spins; the target reads whatever drafts extend the committed text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import time
 
 import numpy as np
+
+COMMITTED_LEN, DRAFTS_LEN, DONE, EPOCH, DRAFT_ALIVE, DRAFT_STEP_US, COMMITTED_SEQ, DRAFTS_SEQ = range(8)
 
 
 class SharedState:
     def __init__(self, ctx: mp.context.BaseContext, capacity: int, one_device: bool = False) -> None:
         self.capacity = capacity
-        self.lock = ctx.Lock()
         # Both workers on one device take turns, pass by pass: no thrashing, and the device's
         # forward spans never overlap.
         self.device_lock = ctx.Lock() if one_device else None
@@ -25,31 +30,66 @@ class SharedState:
         self.drafted = ctx.Event()  # set by every draft publish: the target may have work
         self._committed = ctx.RawArray("q", capacity)
         self._drafts = ctx.RawArray("q", capacity)
-        # [committed_len, drafts_len, done, epoch, draft_alive, draft_step_us]
-        self._meta = ctx.RawArray("q", 6)
+        self._meta = ctx.RawArray("q", 8)  # indexed by the constants above
 
     # numpy views are made lazily in each process (RawArrays pickle, views do not)
     def _view(self, raw) -> np.ndarray:
         return np.frombuffer(raw, dtype=np.int64)
 
     def reset(self) -> None:
-        with self.lock:
-            meta = self._view(self._meta)
-            meta[0] = meta[1] = meta[2] = 0
-            meta[3] += 1
+        """Between runs, while no worker writes."""
+        meta = self._view(self._meta)
+        meta[COMMITTED_LEN] = meta[DRAFTS_LEN] = meta[DONE] = 0
+        meta[EPOCH] += 1
         self.wakeup.clear()
         self.drafted.clear()
 
+    def _write(self, counter: int, write) -> None:
+        meta = self._view(self._meta)
+        meta[counter] += 1  # odd: a write is under way
+        write(meta)
+        meta[counter] += 1
+
+    def _read(self, counter: int, read, patience_s: float = 1.0):
+        """A consistent copy, or None if the writer stayed mid-write (it died there)."""
+        meta = self._view(self._meta)
+        deadline = time.monotonic() + patience_s
+        while True:
+            before = int(meta[counter])
+            if before % 2 == 0:
+                out = read(meta)
+                if int(meta[counter]) == before:
+                    return out
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0)
+
+    @contextlib.contextmanager
+    def device_turn(self):
+        """Both workers on one device: one forward pass at a time. A draft that died holding
+        the turn does not block the target."""
+        if self.device_lock is None:
+            yield
+            return
+        while not self.device_lock.acquire(timeout=0.5):
+            if not self.draft_alive:
+                yield
+                return
+        try:
+            yield
+        finally:
+            self.device_lock.release()
+
     def set_draft_alive(self, alive: bool) -> None:
-        self._view(self._meta)[4] = int(alive)
+        self._view(self._meta)[DRAFT_ALIVE] = int(alive)
         self.drafted.set()  # a waiting target must not wait for a draft that is gone
 
     @property
     def draft_alive(self) -> bool:
-        return bool(self._view(self._meta)[4])
+        return bool(self._view(self._meta)[DRAFT_ALIVE])
 
     def draft_step_s(self) -> float:
-        return self._view(self._meta)[5] / 1e6
+        return self._view(self._meta)[DRAFT_STEP_US] / 1e6
 
     def _check(self, n: int) -> None:
         if n > self.capacity:
@@ -58,37 +98,45 @@ class SharedState:
     # target side ------------------------------------------------------------------------------
     def publish_committed(self, seq: list[int], n_prompt: int, done: bool) -> None:
         self._check(len(seq))
-        with self.lock:
-            meta = self._view(self._meta)
+
+        def write(meta):
             self._view(self._committed)[n_prompt:len(seq)] = seq[n_prompt:]
-            meta[0] = len(seq)
-            meta[2] = int(done)
-        self.wakeup.set()
+            meta[COMMITTED_LEN] = len(seq)
+            meta[DONE] = int(done)
+
+        self._write(COMMITTED_SEQ, write)
+        if self.draft_alive:
+            self.wakeup.set()
 
     def read_drafts(self, committed: list[int], n_prompt: int, limit: int) -> list[int]:
         """Draft tokens that extend `committed`, at most `limit`; none while the draft still
         holds a sequence that disagrees with the committed text (before its rollback)."""
-        if limit <= 0:
+        if limit <= 0 or not self.draft_alive:
             return []
         n = len(committed)
-        with self.lock:
-            length = int(self._view(self._meta)[1])
-            if length <= n:
-                return []
-            snapshot = self._view(self._drafts)[n_prompt:min(length, n + limit)].copy()
-        if snapshot[: n - n_prompt].tolist() != committed[n_prompt:]:
+
+        def read(meta):
+            length = int(meta[DRAFTS_LEN])
+            return self._view(self._drafts)[n_prompt:min(length, n + limit)].copy() if length > n else None
+
+        snapshot = self._read(DRAFTS_SEQ, read, patience_s=0.05)
+        if snapshot is None or snapshot[: n - n_prompt].tolist() != committed[n_prompt:]:
             return []
         return snapshot[n - n_prompt:].tolist()
 
     # draft side -------------------------------------------------------------------------------
     def publish_drafts(self, seq: list[int], n_prompt: int, step_s: float | None = None) -> None:
         self._check(len(seq))
-        with self.lock:
+
+        def write(meta):
             self._view(self._drafts)[n_prompt:len(seq)] = seq[n_prompt:]
+            meta[DRAFTS_LEN] = len(seq)
+
+        self._write(DRAFTS_SEQ, write)
+        if step_s is not None:  # a moving average of the draft's step time
             meta = self._view(self._meta)
-            meta[1] = len(seq)
-            if step_s is not None:  # a moving average of the draft's step time
-                meta[5] = int(0.8 * meta[5] + 0.2 * step_s * 1e6) if meta[5] else int(step_s * 1e6)
+            old = meta[DRAFT_STEP_US]
+            meta[DRAFT_STEP_US] = int(0.8 * old + 0.2 * step_s * 1e6) if old else int(step_s * 1e6)
         self.drafted.set()
 
     def wait_for_drafts(self, committed: list[int], n_prompt: int, limit: int, want: int,
@@ -110,10 +158,16 @@ class SharedState:
         """The committed sequence (prompt included) and whether the run is over. Only the
         generated part is copied: the prompt never changes."""
         n_prompt = len(prompt)
-        with self.lock:
-            meta = self._view(self._meta)
-            n, done = int(meta[0]), bool(meta[2])
+
+        def read(meta):
+            n = int(meta[COMMITTED_LEN])
             generated = self._view(self._committed)[n_prompt:n].tolist() if n else []
+            return generated, bool(meta[DONE])
+
+        got = self._read(COMMITTED_SEQ, read)
+        if got is None:  # the target died mid-write: the run is over for us
+            return list(prompt), True
+        generated, done = got
         return prompt + generated, done
 
     def clear_wakeup(self) -> None:

@@ -69,6 +69,7 @@ def _load(src: str, dtype_name: str, device: str, tokenizer=None, quant: str = "
 
 
 def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
+    """`events` is this worker's own pipe to the coordinator."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator owns Ctrl+C
     _die_with_parent()
     role = spec.role
@@ -89,16 +90,16 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
                           target.tokenizer if target else None, spec.draft_quant)
         for runner in (target, draft):
             if runner is not None and shared is not None:
-                runner.device_lock = shared.device_lock
+                runner.turn = shared.device_turn
         now = time.perf_counter_ns()
         load_s = (now - start) / 1e9
         for r, runner in (("target", target), ("draft", draft)):
             if runner is not None:
-                events.put(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=r, device=str(device),
+                events.send(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=r, device=str(device),
                                        pid=os.getpid(), load_s=load_s))
-        events.put(("ready", role))
+        events.send(("ready", role))
 
-        emit = _fault_injector(spec, events.put)
+        emit = _fault_injector(spec, events.send)
         while True:
             msg = requests.get()
             if msg is None:
@@ -114,9 +115,9 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
                 result = loops.amusd_target_loop(req, target, str(device), shared, emit)
             else:
                 result = loops.amusd_draft_loop(req, draft, str(device), shared, emit)
-            events.put(("done", role, run_id, result))
+            events.send(("done", role, run_id, result))
     except Exception as exc:  # noqa: BLE001 - every failure is reported, never swallowed
-        events.put(("failed", role, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        events.send(("failed", role, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         raise SystemExit(1) from None
 
 

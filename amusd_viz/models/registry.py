@@ -116,8 +116,10 @@ def hf_cached_path(hub_id: str) -> Path | None:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
         return None
+    cache = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
     try:
-        path = Path(snapshot_download(hub_id, local_files_only=True))
+        path = Path(snapshot_download(hub_id, local_files_only=True, cache_dir=cache))
     except Exception:  # noqa: BLE001 - any failure means "not cached"
         return None
     if (path / "config.json").is_file() and (any(path.glob("*.safetensors"))
