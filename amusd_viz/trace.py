@@ -39,7 +39,8 @@ def to_trace(events, window_s: float = 1.0) -> dict:
         elif e.type == "worker_ready":
             tid = lane(e.role, e.device)
             out.append({"ph": "X", "pid": PID, "tid": tid, "name": "load model", "cat": "load",
-                        "ts": _us(e.t - e.load_s), "dur": _us(e.load_s), "args": {"pid": e.pid}})
+                        "ts": _us(e.t - e.load_s), "dur": _us(e.load_s),
+                        "args": {"phase": "load", "pid": e.pid}})
         elif e.type == "forward":
             tid = lane(e.role, e.device)
             span = {"ph": "X", "pid": PID, "tid": tid, "name": f"{e.phase} ×{e.n_tokens}",

@@ -15,11 +15,6 @@ def run_live(args, prompt: str, target_device: str, draft_device: str | None) ->
     # user mistake is one line on the terminal and the one-time conversion shows its progress.
     prepared = prepare(args.strategy, args.draft, args.target, target_device, draft_device,
                        args.dtype)
-    # multiprocessing starts its resource tracker with a copy of stderr; under Textual stderr is a
-    # capture object without a file descriptor, so start the tracker while it still has one.
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()
     source = LiveSource(prepared, args, prompt, lambda strategy: resolve_devices(args, strategy))
     app = AmusdApp(source, save_dir=Path.cwd())
     try:

@@ -29,6 +29,11 @@ class LiveSource:
     can_run = True
 
     def __init__(self, prepared, args, prompt: str, devices_for) -> None:
+        # multiprocessing starts its resource tracker with a copy of stderr; inside Textual stderr
+        # is a capture object without a file descriptor, so start it now, before the app runs.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
         self.prepared = prepared
         self.args = args
         self.prompt = prompt
@@ -153,7 +158,7 @@ class ReplaySource:
     def advance(self, app) -> None:
         now = time.monotonic()
         if not self.paused:
-            self.clock += (now - self._last) * self.speed
+            self.clock = min(self.end_t, self.clock + (now - self._last) * self.speed)
             self._release(app, lambda e: e.t <= self.clock)
         self._last = now
 
@@ -173,27 +178,34 @@ class ReplaySource:
                 break
 
     def seek(self, app, target: str) -> None:
-        """`3.5` seeks to 3.5 s after the run's start; `#42` to the commit of token 42."""
+        """`3.5` seeks to 3.5 s after playback's start; `#42` to just after token 42's commit."""
         target = target.strip()
         if target.startswith("#"):
-            pos = int(target[1:])
-            hits = [e.t for e in self.events if e.type == "token_committed" and e.pos == pos]
-            if not hits:
+            try:
+                pos = int(target[1:])
+            except ValueError:
+                raise ValueError(f"not a token position: {target!r}") from None
+            stop = next((i + 1 for i, e in enumerate(self.events)
+                         if e.type == "token_committed" and e.pos == pos), None)
+            if stop is None:
                 raise ValueError(f"no token #{pos} in this log")
-            when = hits[0]
         else:
             try:
-                when = float(target.rstrip("s"))
+                when = self.start_t + float(target.rstrip("s"))
             except ValueError:
                 raise ValueError(f"not a time or #position: {target!r}") from None
+            stop = next((i for i, e in enumerate(self.events)
+                         if e.t > when and e.type not in ("run_started", "worker_ready")),
+                        len(self.events))
         from amusd_viz.ui.state import RunState
 
         app.sink.queue.clear()
         app.state = RunState()
         app.history.clear()
-        self.i = 0
-        self.clock = when
-        self._release(app, lambda e: e.t <= when or e.type in ("run_started", "worker_ready"))
+        for event in self.events[:stop]:
+            app.sink.emit(event)
+        self.i = stop
+        self.clock = max([self.start_t] + [e.t for e in self.events[:stop]])
 
     def status_suffix(self) -> str:
         state = "paused" if self.paused else "replay"

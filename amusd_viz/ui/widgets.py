@@ -66,6 +66,8 @@ class RunHeader(Static):
             t.append(f" {len(state.tokens)}/{state.max_new_tokens} tokens, {state.elapsed():.1f} s")
         if state.message:
             t.append(f"  {state.message}", "italic")
+        for role in state.lost:
+            t.append(f"  ⚠ {role} worker lost (the target went on alone)", "bold red")
         self.update(t)
 
 
