@@ -205,47 +205,44 @@ class StatsPanel(Static):
 
 
 class Inspector(Static):
-    """The draft's and the target's top candidates at the cursor, and the verdict."""
+    """The draft's and the target's top candidates at the cursor, side by side, and the verdict."""
 
     def show(self, state: RunState, cursor: int | None) -> None:
         if cursor is None or cursor >= len(state.tokens):
             self.update(Text("←/→ move the cursor over the tokens to inspect one", "grey50"))
             return
         tok = state.tokens[cursor]
-        out = Text()
-        out.append(f"position {tok.pos}  ", "bold")
-        out.append(repr(tok.text), STYLES.get(tok.how, ""))
-        out.append(f"  {tok.how}\n")
-        judged = state.judged.get(tok.pos)
+        head = Text()
+        head.append(f"position {tok.pos}  ", "bold")
+        head.append(repr(tok.text), STYLES.get(tok.how, ""))
+        head.append(f"  {tok.how}\n")
         if tok.how == "correction" and tok.pos in state.rejected:
-            out.append(f"draft proposed {state.rejected[tok.pos][1]!r}: rejected\n", "red")
+            head.append(f"draft proposed {state.rejected[tok.pos][1]!r}: rejected", "red")
         elif tok.how == "accepted":
-            out.append("draft and target agreed\n", "green")
+            head.append("draft and target agreed", "green")
         elif tok.how == "bonus":
-            out.append("all drafts accepted; target added this one\n", "cyan")
+            head.append("all drafts accepted; the target added this one", "cyan")
         else:
-            out.append("target decoded this without a draft to check\n")
-        proposal = judged or state.proposals.get(tok.pos)
-        out.append("draft top-5\n", "bold")
-        if proposal is not None and proposal.top:
-            for c in proposal.top:
-                out.append(_bar(c.text if hasattr(c, "text") else c["text"],
-                                c.p if hasattr(c, "p") else c["p"]))
-        else:
-            out.append("  (no draft proposal)\n", "grey50")
-        out.append("target top-5\n", "bold")
-        for c in tok.top:
-            out.append(_bar(c.text if hasattr(c, "text") else c["text"],
-                            c.p if hasattr(c, "p") else c["p"]))
-        self.update(out)
+            head.append("the target decoded this without a draft to check")
+        proposal = state.judged.get(tok.pos) or state.proposals.get(tok.pos)
+        draft_top = list(proposal.top) if proposal is not None else []
+        table = Table.grid(padding=(0, 2))
+        table.add_column()
+        table.add_column()
+        table.add_row(Text("draft top-5", "bold"), Text("target top-5", "bold"))
+        for i in range(5):
+            table.add_row(_bar(draft_top[i]) if i < len(draft_top) else
+                          Text("(no proposal)" if i == 0 else "", "grey50"),
+                          _bar(tok.top[i]) if i < len(tok.top) else Text(""))
+        self.update(Group(head, table))
 
 
-def _bar(text: str, p: float, width: int = 10) -> Text:
+def _bar(candidate, width: int = 6) -> Text:
+    text, p = candidate.text, candidate.p
     filled = int(round(p * width))
-    line = Text("  ")
-    line.append(f"{text!r:<14.14}")
+    line = Text(f"{text!r:<12.12}")
     line.append("█" * filled + "·" * (width - filled), "green")
-    line.append(f" {p:5.1%}\n")
+    line.append(f"{p:6.1%}")
     return line
 
 
