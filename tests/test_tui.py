@@ -24,8 +24,17 @@ def replay_app(speed=1e9, path=PROSE):
 
 
 def plain(widget) -> str:
+    """A widget's current text, whatever renderable it shows."""
+    import io
+
+    from rich.console import Console
+
     content = widget.render()
-    return str(getattr(content, "plain", content))
+    if hasattr(content, "plain"):
+        return content.plain
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(content)
+    return console.export_text()
 
 
 async def test_replay_shows_the_whole_run():
