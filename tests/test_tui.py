@@ -29,7 +29,7 @@ def plain(widget) -> str:
 
     from rich.console import Console
 
-    content = widget.render()
+    content = widget.content  # what the widget was last given to show
     if hasattr(content, "plain"):
         return content.plain
     console = Console(width=200, record=True, file=io.StringIO())
