@@ -21,7 +21,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_PROMPT = ("Write a Python function that returns the n-th Fibonacci number iteratively, "
                   "with a docstring and type hints.")
 DEFAULT_MAX_NEW = 128
-DEFAULT_LOOKAHEAD = 4
+DEFAULT_LOOKAHEAD = 8
 COMMANDS = ("bench", "replay", "export-trace", "stats", "models")
 
 
