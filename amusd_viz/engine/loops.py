@@ -199,14 +199,15 @@ class Pace:
 
 
 def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: Emit) -> Outcome:
-    """The verifier: never waits for the draft. Each pass checks whatever draft tokens extend the
-    committed text (up to the lookahead); with none, it decodes one token on its own."""
+    """The verifier. Each pass checks whatever draft tokens extend the committed text (up to the
+    lookahead); with none, it decodes one token on its own. It waits for drafts only when
+    `wait_steps` > 0 (an experiment; see Pace)."""
     target.reset()
     c = Committer(req, target, emit)
     n_prompt = len(req.prompt_ids)
     logits, fed, start, end = target.forward(c.seq, 1)
     emit(_forward_event(req, target, "target", device, "prefill", fed, start, end))
-    committed = c.commit([int(logits[0].argmax())], ["decoded"], [target.top(logits[0])])
+    c.commit([int(logits[0].argmax())], ["decoded"], [target.top(logits[0])])
     shared.publish_committed(c.seq, n_prompt, done=c.done)
     pace = Pace()
     while not c.done:
@@ -274,8 +275,9 @@ def hf_loop(req: Request, target: Runner, draft: Runner | None, device: str, emi
     model = target.model
     kwargs = {}
     if draft is not None:
-        # transformers 5.x reads these from the assistant's generation_config; 5 draft tokens on a
-        # constant schedule beat its adaptive default on this kind of machine (DESIGN.md §5).
+        # transformers 5.x reads these from the assistant's generation_config; a fixed number of
+        # draft tokens (the lookahead) beats its adaptive default on this kind of machine
+        # (DESIGN.md §5), so the peer gets its better setting.
         draft.model.generation_config.num_assistant_tokens = req.lookahead
         draft.model.generation_config.num_assistant_tokens_schedule = "constant"
         kwargs["assistant_model"] = draft.model
