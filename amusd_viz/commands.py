@@ -8,9 +8,14 @@ import sys
 from amusd_viz.errors import UserError
 
 
-def _warn(log) -> None:
+def _read(path):
+    """Read an event log (exit 2 on a bad one), printing its warnings (a torn tail, ...)."""
+    from amusd_viz.eventlog import read_log
+
+    log = read_log(path)
     for warning in log.warnings:
         print(f"amusd-viz: warning: {warning}", file=sys.stderr)
+    return log
 
 
 def models_command(args) -> int:
@@ -34,22 +39,18 @@ def models_command(args) -> int:
 
 
 def stats_command(args) -> int:
-    from amusd_viz.eventlog import read_log
     from amusd_viz.stats import compute, format_stats
 
-    log = read_log(args.file)
-    _warn(log)
+    log = _read(args.file)
     s = compute(log.events)
     print(json.dumps(s.to_dict(), indent=2) if args.json else format_stats(s))
     return 0
 
 
 def export_trace_command(args) -> int:
-    from amusd_viz.eventlog import read_log
     from amusd_viz.trace import to_trace
 
-    log = read_log(args.file)
-    _warn(log)
+    log = _read(args.file)
     trace = to_trace(log.events)
     try:
         args.output.write_text(json.dumps(trace), encoding="utf-8")
@@ -62,10 +63,7 @@ def export_trace_command(args) -> int:
 
 
 def replay_command(args) -> int:
-    from amusd_viz.eventlog import read_log
-
-    log = read_log(args.file)
-    _warn(log)
+    log = _read(args.file)
     from amusd_viz.ui.launch import run_replay
 
     return run_replay(log, args.speed, str(args.file))

@@ -1,5 +1,5 @@
 """A model worker: one OS process on one device. Loads its model(s) once, then serves
-generation requests, putting events and control messages on the event queue.
+generation requests, sending events and control messages through its own pipe.
 
 Nothing heavy is imported at module level: the process pins itself to its device first, so torch
 starts with the right thread count.

@@ -200,9 +200,10 @@ class AmusdApp(App):
         now = time.monotonic()
         if (state.version != self._slow_drawn and now - self._last_slow >= SLOW_TICK_S) or force:
             self._slow_drawn, self._last_slow = state.version, now
-            self.query_one(StatsPanel).show(state, self._ar_ms())
+            stats = state.stats()  # one pass over the run's events per slow redraw
+            self.query_one(StatsPanel).show(state, stats, self._ar_ms())
             self.query_one(Inspector).show(state, self.cursor)
-            self._draw_charts()
+            self._draw_charts(stats.acceptance_by_position)
 
     def _ar_ms(self) -> float | None:
         for run in reversed(self.history):
@@ -210,7 +211,7 @@ class AmusdApp(App):
                 return 1000 * run.wall_s / len(run.tokens)
         return None
 
-    def _draw_charts(self) -> None:
+    def _draw_charts(self, acceptance_by_position: list[float]) -> None:
         state = self.state
         runs = [(f"{r.strategy} (earlier)" if r.strategy == state.strategy else r.strategy,
                  *r.commit_curve()) for r in self.history if r.tokens]
@@ -218,7 +219,7 @@ class AmusdApp(App):
         self.query_one("#chart-cumulative", Chart).redraw(runs)
         self.query_one("#chart-throughput", Chart).redraw(state)
         self.query_one("#chart-histogram", Chart).redraw(state)
-        self.query_one("#chart-position", Chart).redraw(state.stats().acceptance_by_position)
+        self.query_one("#chart-position", Chart).redraw(acceptance_by_position)
 
     # actions --------------------------------------------------------------------------------
     def action_help(self) -> None:

@@ -176,8 +176,7 @@ class TokenStream(Static):
 
 
 class StatsPanel(Static):
-    def show(self, state: RunState, ar_ms: float | None) -> None:
-        s = state.stats()
+    def show(self, state: RunState, s, ar_ms: float | None) -> None:
         table = Table.grid(padding=(0, 1))
         table.add_column(style="grey50")
         table.add_column(justify="right")
