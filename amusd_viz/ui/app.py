@@ -13,6 +13,7 @@ from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, Markdown
 
@@ -174,7 +175,10 @@ class AmusdApp(App):
             while self.sink.queue and drained < 5000:
                 self._ingest(self.sink.queue.popleft())
                 drained += 1
-        self._redraw()
+        try:
+            self._redraw()
+        except NoMatches:  # compose makes every widget: only a last tick during shutdown lands here
+            pass
 
     def _ingest(self, event) -> None:
         if event.type == "run_started" and self.state.events:
