@@ -143,8 +143,6 @@ class SharedState:
                         timeout: float) -> list[int]:
         """Drafts extending `committed`: blocks (never spins) until `want` of them exist, the
         timeout passes, or the draft is gone; returns what is there then."""
-        import time
-
         deadline = time.monotonic() + timeout
         while True:
             self.drafted.clear()
