@@ -320,6 +320,8 @@ def bench_command(args) -> int:
                 cfg = prepared.engine_config(strategy, draft_quant=quant,
                                              stall_timeout=args.stall_timeout,
                                              wait_steps=args.wait_steps)
+                if args.no_preamble_cache:
+                    cfg.preamble = ()
                 cfg.target_device, cfg.draft_device = target_device, draft_device
                 bar.set_postfix_str(f"{label}: loading")
                 engine = Engine(cfg, sink)
@@ -392,6 +394,7 @@ def build_report(results, labels, prompts, args, prepared, quant, interrupted) -
         "settings": {"draft": prepared.draft, "target": prepared.target, "dtype": args.dtype,
                      "max_new_tokens": args.max_new_tokens, "lookahead": args.lookahead,
                      "repeats": args.repeats, "prompts": len(prompts), "draft_quant": quant,
+                     "preamble_cache": not args.no_preamble_cache,
                      "strategies": {label: DESCRIPTIONS[label.split("@")[0]] for label in labels},
                      "interrupted": interrupted},
         "machine": machine_info(),

@@ -177,6 +177,10 @@ def build_command_parser(command: str) -> argparse.ArgumentParser:
         g.add_argument("--wait-steps", type=float, default=0.0, metavar="W",
                        help="amusd, experimental: let the target wait up to W draft steps per "
                             "draft it expects to be worth waiting for; 0 never waits (default: 0)")
+        g.add_argument("--no-preamble-cache", action="store_true",
+                       help="feed every prompt whole, as transformers' generate does; by default "
+                            "ar, sync and amusd start past the chat template's fixed preamble, "
+                            "fed once while the models load")
         g.add_argument("--repeats", type=positive_int, default=1, metavar="N",
                        help="timed runs per prompt and strategy; the median is reported "
                             "(default: 1)")

@@ -180,3 +180,23 @@ def test_workers_are_separate_processes(engines):
     import os
 
     assert os.getpid() not in pids.values()
+
+
+def test_a_cached_preamble_changes_only_the_prefill(engines):
+    """The chat template's fixed head is fed at load time: every run starts past it, whatever ran
+    before, with the same tokens as a run that feeds the whole prompt."""
+    preamble = (3, 4, 5, 6)
+    prompts = ([3, 4, 5, 6, 20, 21], [3, 4, 5, 6, 30, 31, 32, 33], [9, 3, 4], [3, 4, 5, 6, 20, 21])
+    for strategy in ("ar", "sync", "amusd"):
+        for prompt in prompts:
+            reference, _ = run(engines, "ar", prompt, 20)
+            gen, events = run(engines, strategy, prompt, 20, lookahead=3, draft="draft_near",
+                              preamble=preamble)
+            assert gen.token_ids == reference.token_ids, (strategy, prompt)
+            check_invariants(gen, events)
+            head = len(preamble) if prompt[: len(preamble)] == list(preamble) else 0
+            fed = [e.n_tokens for e in events if e.type == "forward" and e.role == "target"]
+            assert fed[0] == len(prompt) - head, (strategy, prompt)
+            if strategy == "sync":  # its draft starts after the target's first token
+                fed = [e.n_tokens for e in events if e.type == "forward" and e.role == "draft"]
+                assert fed[0] == len(prompt) - head + 1, (strategy, prompt)

@@ -123,7 +123,7 @@ def verify(req: Request, c: Committer, target: Runner, device: str, drafts: list
 
 
 def ar_loop(req: Request, target: Runner, device: str, emit: Emit) -> Outcome:
-    target.reset()
+    target.begin()
     c = Committer(req, target, emit)
     phase = "prefill"
     while not c.done:
@@ -137,8 +137,8 @@ def ar_loop(req: Request, target: Runner, device: str, emit: Emit) -> Outcome:
 
 def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Emit) -> Outcome:
     """Classic speculative decoding: the two models take turns on one device."""
-    target.reset()
-    draft.reset()
+    target.begin()
+    draft.begin()
     c = Committer(req, target, emit)
     logits, fed, start, end = target.forward(c.seq, 1)
     emit(_forward_event(req, target, "target", device, "prefill", fed, start, end))
@@ -202,7 +202,7 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
     """The verifier. Each pass checks whatever draft tokens extend the committed text (up to the
     lookahead); with none, it decodes one token on its own. It waits for drafts only when
     `wait_steps` > 0 (an experiment; see Pace)."""
-    target.reset()
+    target.begin()
     c = Committer(req, target, emit)
     n_prompt = len(req.prompt_ids)
     logits, fed, start, end = target.forward(c.seq, 1)
@@ -231,7 +231,7 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
     differs from its own at some position, it drops its tokens (and cache) from there, adopts
     the target's tokens and drafts on. Waits (blocking, no spinning) only when it is far enough
     ahead, at the token budget, or after proposing EOS. Returns the number of forward passes."""
-    draft.reset()
+    draft.begin()
     n_prompt = len(req.prompt_ids)
     seq = list(req.prompt_ids)
     max_ahead = req.max_ahead or 2 * req.lookahead

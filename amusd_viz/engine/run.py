@@ -41,6 +41,18 @@ class Prepared:
             return tok(text, add_special_tokens=False).input_ids
         return tok(prompt).input_ids
 
+    def preamble(self) -> tuple[int, ...]:
+        """The tokens every chat prompt starts with (the template's system turn and the user
+        turn's opening), found as the common head of two different encoded prompts. The workers
+        feed it while loading; empty without a chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return ()
+        a, b = self.encode("a"), self.encode("?")
+        n = 0
+        while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
+            n += 1
+        return tuple(a[:n])
+
     def check_length(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         if not prompt_ids:
             raise UserError("the prompt encodes to no tokens for this tokenizer. Write a prompt "
@@ -56,7 +68,7 @@ class Prepared:
         return EngineConfig(strategy=strategy, target_src=self.target_src,
                             draft_src=self.draft_src if strategy != "ar" else None,
                             target_device=self.target_device, draft_device=self.draft_device,
-                            dtype=self.dtype, **extra)
+                            dtype=self.dtype, preamble=self.preamble(), **extra)
 
 
 def _eos_ids(source: str, tokenizer) -> frozenset[int]:

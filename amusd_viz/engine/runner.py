@@ -3,11 +3,16 @@
 `ids` is exactly what the cache holds. `forward(seq, n)` keeps the longest cached prefix of `seq`,
 crops the rest (that *is* the rollback: dropped tokens leave the cache, nothing is fed twice),
 feeds what is missing and returns logits for the last `n` positions of `seq`.
+
+A run starts from the *preamble*: the tokens every prompt begins with (the chat template's fixed
+system turn), fed once when the model loads, like a server's prefix cache. Every run starts
+from exactly that state, whatever ran before, so runs cost the same in any order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 
 import torch
@@ -30,6 +35,8 @@ class Runner:
         self.top_k = top_k
         self.ids: list[int] = []
         self.cache: DynamicCache | None = None
+        self.preamble: list[int] = []
+        self._preamble_cache: DynamicCache | None = None
         self._texts: dict[int, str] = {}
         self.is_cuda = self.device.type == "cuda"
         self.turn = contextlib.nullcontext  # a shared device: SharedState.device_turn
@@ -37,6 +44,25 @@ class Runner:
     def reset(self) -> None:
         self.ids = []
         self.cache = DynamicCache(config=self.model.config)
+
+    def set_preamble(self, ids: list[int]) -> None:
+        """Feed the shared prompt head now (at load time), so that runs start past it."""
+        self.reset()
+        self.preamble = list(ids)
+        if self.preamble:
+            self.forward(self.preamble, 1)
+        self._preamble_cache = copy.deepcopy(self.cache)  # a few hundred KB: one per model
+
+    def begin(self) -> None:
+        """Start a run from the preamble: crop what the last run added, or, where a prompt
+        without it replaced it, restore the saved copy."""
+        if not self.preamble:
+            self.reset()
+        elif common_prefix(self.ids, self.preamble) == len(self.preamble):
+            self.crop(len(self.preamble))
+        else:
+            self.cache = copy.deepcopy(self._preamble_cache)
+            self.ids = list(self.preamble)
 
     def crop(self, keep: int) -> None:
         drop = len(self.ids) - keep

@@ -33,6 +33,7 @@ class EngineConfig:
     stall_timeout: float = 300.0  # seconds without a target event before the run is failed
     wait_steps: float = 0.0  # amusd: >0 lets the target wait for drafts (Pace; docs/protocol.md)
     draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
+    preamble: tuple[int, ...] = ()  # the prompt head every run shares: cached at load time
     faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
 
 
@@ -85,16 +86,16 @@ class Engine:
                 (cfg.draft_device or cfg.target_device) == cfg.target_device))
             specs = [
                 WorkerSpec("target", "amusd", cfg.target_device, cfg.dtype, cfg.target_src, None,
-                           self.t0_ns, cfg.faults.get("target", "")),
+                           self.t0_ns, cfg.faults.get("target", ""), preamble=cfg.preamble),
                 WorkerSpec("draft", "amusd", cfg.draft_device or cfg.target_device, cfg.dtype,
                            None, cfg.draft_src, self.t0_ns, cfg.faults.get("draft", ""),
-                           cfg.draft_quant),
+                           cfg.draft_quant, preamble=cfg.preamble),
             ]
         else:
             specs = [WorkerSpec("target", cfg.strategy, cfg.target_device, cfg.dtype, cfg.target_src,
                                 cfg.draft_src if cfg.strategy in ("sync", "hf-assisted") else None,
                                 self.t0_ns,
-                                cfg.faults.get("target", ""), cfg.draft_quant)]
+                                cfg.faults.get("target", ""), cfg.draft_quant, cfg.preamble)]
         for spec in specs:
             # One event pipe per worker: a worker killed mid-message can only tear its own pipe
             # (one shared queue would leave its lock held and block the other worker).

@@ -26,6 +26,7 @@ class WorkerSpec:
     t0_ns: int
     fault: str = ""  # tests only: "die_after:N" exits the process after N forward passes
     draft_quant: str = "none"  # "int8": dynamic int8 linear layers for the draft (CPU only)
+    preamble: tuple[int, ...] = ()  # the tokens every prompt starts with: fed at load time
 
 
 def _die_with_parent() -> None:
@@ -38,7 +39,7 @@ def _die_with_parent() -> None:
 
 
 def _load(src: str, dtype_name: str, device: str, tokenizer=None, quant: str = "none",
-          pack: bool = True):
+          pack: bool = True, preamble: tuple[int, ...] = ()):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,7 +70,7 @@ def _load(src: str, dtype_name: str, device: str, tokenizer=None, quant: str = "
     for n_logits in (1, 4):
         runner.forward(warm, n_logits)
         warm = warm + [16]
-    runner.reset()
+    runner.set_preamble(list(preamble))
     return runner
 
 
@@ -94,13 +95,18 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
 
         start = time.perf_counter_ns()
         target = draft = None
-        # transformers' own generate is the baseline users would otherwise run: stock layers
-        pack = spec.strategy not in ("hf-generate", "hf-assisted")
+        # transformers' own generate is the baseline users would otherwise run: stock layers,
+        # the whole prompt fed every time (a pre-filled cache also derails its assisted
+        # generation in transformers 5.24: it repeats tokens)
+        stock = spec.strategy in ("hf-generate", "hf-assisted")
+        preamble = () if stock else spec.preamble
         if spec.target_src:
-            target = _load(spec.target_src, spec.dtype, device.torch_device, pack=pack)
+            target = _load(spec.target_src, spec.dtype, device.torch_device, pack=not stock,
+                           preamble=preamble)
         if spec.draft_src:
             draft = _load(spec.draft_src, spec.dtype, device.torch_device,
-                          target.tokenizer if target else None, spec.draft_quant, pack=pack)
+                          target.tokenizer if target else None, spec.draft_quant,
+                          pack=not stock, preamble=preamble)
         for runner in (target, draft):
             if runner is not None and shared is not None:
                 runner.turn = shared.device_turn

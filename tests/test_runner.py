@@ -1,0 +1,39 @@
+"""The runner's KV-cache bookkeeping on a tiny float32 model: the preamble fed at load time is
+reused by every run, whatever the run before it fed, and changes no logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from amusd_viz.engine.runner import Runner, common_prefix
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    return AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.float32).eval()
+
+
+def test_runs_start_from_the_cached_preamble(model):
+    runner, fresh = Runner(model, "cpu"), Runner(model, "cpu")
+    runner.set_preamble([3, 4, 5, 6])
+    for prompt in ([3, 4, 5, 6, 20, 21], [9, 3, 4], [3, 4, 5, 6, 30, 31, 32], [3, 4, 5]):
+        runner.begin()
+        fresh.reset()
+        logits, fed, _, _ = runner.forward(prompt, 2)
+        expected, _, _, _ = fresh.forward(prompt, 2)
+        reused = min(common_prefix(prompt, [3, 4, 5, 6]), len(prompt) - 2)  # 2 logits wanted
+        assert fed == len(prompt) - reused
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        runner.forward(prompt + [7, 8], 1)  # the run goes on past the prompt
+    runner.begin()
+    assert runner.ids == [3, 4, 5, 6] and runner.cache.get_seq_length() == 4
+
+
+def test_without_a_preamble_every_run_starts_empty(model):
+    runner = Runner(model, "cpu")
+    runner.set_preamble([])
+    runner.forward([1, 2, 3], 1)
+    runner.begin()
+    assert runner.ids == [] and runner.cache.get_seq_length() == 0
