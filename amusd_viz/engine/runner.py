@@ -51,7 +51,7 @@ class Runner:
         self.preamble = list(ids)
         if self.preamble:
             self.forward(self.preamble, 1)
-        self._preamble_cache = copy.deepcopy(self.cache)  # a few hundred KB: one per model
+            self._preamble_cache = copy.deepcopy(self.cache)  # a few hundred KB: one per model
 
     def begin(self) -> None:
         """Start a run from the preamble: crop what the last run added, or, where a prompt
