@@ -62,7 +62,8 @@ token after a fully accepted draft; italic = decoded by the target alone; dim = 
 verified yet.
 
 **Timeline**: blue = draft steps, green = verify passes (number = tokens in the pass), yellow =
-prefill, cyan = plain decode, ✕ = a rollback of the draft.
+prefill (number = tokens fed: the chat template's fixed preamble is cached when the models load,
+so only the rest of the prompt is fed), cyan = plain decode, ✕ = a rollback of the draft.
 """
 
 
