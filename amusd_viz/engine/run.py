@@ -12,6 +12,7 @@ from pathlib import Path
 from amusd_viz import stats
 from amusd_viz.errors import UserError
 from amusd_viz.events import EventList, FanOut, RunFinished, RunStarted
+from amusd_viz.engine.runner import common_prefix
 from amusd_viz.engine.session import Engine, EngineConfig, Generation
 from amusd_viz.models import registry
 from amusd_viz.models.loader import check_same_tokenizer, load_tokenizer, materialize
@@ -48,10 +49,7 @@ class Prepared:
         if not getattr(self.tokenizer, "chat_template", None):
             return ()
         a, b = self.encode("a"), self.encode("?")
-        n = 0
-        while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
-            n += 1
-        return tuple(a[:n])
+        return tuple(a[:common_prefix(a, b)])
 
     def check_length(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         if not prompt_ids:
