@@ -15,10 +15,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from amusd_viz import stats as run_stats
+from amusd_viz.bench_report import print_report, require_matplotlib, write_outputs
+from amusd_viz.config import BenchConfig
 from amusd_viz.errors import UserError
-from amusd_viz.events import EventList
+from amusd_viz.events import EventList, RunFinished
+
+if TYPE_CHECKING:
+    from amusd_viz.engine.session import Engine
 
 # name -> (engine strategy, target device kind, uses the draft)
 KNOWN = {
@@ -114,7 +120,7 @@ def median(xs):
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
@@ -179,75 +185,60 @@ def summarize(results: list[Result], names: list[str]) -> dict:
                                                    for k in kinds}}
 
 
-def format_table(summary: dict) -> str:
-    headers = ["strategy", "ms/token", "min-max", "vs ar", "vs sync", "acc/pass", "accept",
-               "busy"]
-    rows = []
-    for name, row in summary.items():
-        busy = " ".join(f"{d.split('@')[0][0]}{100 * v:.0f}%" for d, v in row["busy"].items())
-        rows.append([name, f"{row['median_ms_per_token']:.1f}",
-                     f"{row['min_ms_per_token']:.0f}-{row['max_ms_per_token']:.0f}",
-                     "-" if row["speedup_vs_ar"] is None else f"{row['speedup_vs_ar']:.2f}x",
-                     "-" if row["speedup_vs_sync"] is None else f"{row['speedup_vs_sync']:.2f}x",
-                     "-" if row["mean_accepted_per_pass"] is None else f"{row['mean_accepted_per_pass']:.2f}",
-                     "-" if row["acceptance_rate"] is None else f"{100 * row['acceptance_rate']:.0f}%",
-                     busy or "-"])
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()
-                     for line in [headers, *rows])
+@dataclass(frozen=True)
+class PlannedRun:
+    """One column of the report: a strategy (at one lookahead) on its devices."""
+
+    label: str  # "amusd", or "amusd@4" in a lookahead sweep
+    name: str  # a KNOWN strategy
+    lookahead: int
+
+    @property
+    def engine_strategy(self) -> str:
+        return KNOWN[self.name][0]
 
 
-def terminal_chart(summary: dict) -> str:
-    import plotext as plt
+@dataclass
+class BenchPlan:
+    cfg: BenchConfig
+    runs: list[PlannedRun]
+    prompts: list[Prompt]
+    gpus: int
+    cores: list[int]
 
-    names = list(summary)
-    plt.clear_figure()
-    plt.simple_bar(names, [summary[n]["median_ms_per_token"] for n in names], width=70,
-                   title="median ms per token (lower is better)")
-    return plt.build()
 
-
-def write_svg(path: Path, curves: dict[str, list[float]], title: str) -> None:
-    """Cumulative tokens against time, one polyline per strategy: the paper's figure."""
-    width, height, pad = 720, 420, 50
-    t_max = max((c[-1] for c in curves.values() if c), default=1.0) or 1.0
-    n_max = max((len(c) for c in curves.values()), default=1) or 1
-    palette = ["#d62728", "#ff7f0e", "#1f77b4", "#9467bd", "#2ca02c", "#8c564b", "#e377c2"]
-
-    def xy(t, n):
-        return (pad + (width - 2 * pad) * t / t_max, height - pad - (height - 2 * pad) * n / n_max)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>',
-             f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
-             f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">seconds since the prompt went in</text>',
-             f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">tokens committed</text>']
-    for k in range(6):
-        t = t_max * k / 5
-        x, _ = xy(t, 0)
-        parts.append(f'<text x="{x:.0f}" y="{height - pad + 16}" text-anchor="middle">{t:.1f}</text>')
-        n = n_max * k / 5
-        _, y = xy(0, n)
-        parts.append(f'<text x="{pad - 6}" y="{y + 4:.0f}" text-anchor="end">{n:.0f}</text>')
-    for i, (name, curve) in enumerate(curves.items()):
-        color = palette[i % len(palette)]
-        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in
-                          (xy(t, n + 1) for n, t in enumerate(curve)))
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
-        parts.append(f'<text x="{width - pad - 140}" y="{pad + 16 * i}" fill="{color}">{name}</text>')
-    parts.append("</svg>")
-    path.write_text("\n".join(parts), encoding="utf-8")
+def plan_runs(cfg: BenchConfig, gpus: int, cores: list[int]) -> BenchPlan:
+    """Check the strategies and prompts, and list the runs (ar always: the reference)."""
+    names = list(cfg.strategies)
+    unknown = [n for n in names if n not in KNOWN]
+    if unknown:
+        raise UserError(f"unknown strategy {unknown[0]!r} in --strategies. Known: "
+                        f"{', '.join(KNOWN)}.")
+    if "ar" not in names:
+        names.insert(0, "ar")  # the reference for speedups and losslessness
+    prompts = load_prompts(cfg.prompts or default_prompts_path())
+    if cfg.kinds:
+        prompts = [p for p in prompts if p.kind in cfg.kinds]
+    if cfg.limit:
+        prompts = prompts[: cfg.limit]
+    if not prompts:
+        raise UserError("no prompts left after --kinds/--limit.")
+    runs: list[PlannedRun] = []
+    for name in names:
+        if KNOWN[name][2] and len(cfg.lookaheads) > 1:
+            runs += [PlannedRun(f"{name}@{k}", name, k) for k in cfg.lookaheads]
+        else:
+            runs.append(PlannedRun(name, name, cfg.lookaheads[0]))
+    return BenchPlan(cfg, runs, prompts, gpus, cores)
 
 
 def _result(name: str, prompt: Prompt, repeat: int, gen, events) -> Result:
     s = _window_stats(events, gen)
     commits = [e for e in events if e.type == "token_committed"]
-    n = max(1, len(gen.token_ids))
     return Result(
         strategy=name, prompt_id=prompt.id, kind=prompt.kind, repeat=repeat,
-        new_tokens=len(gen.token_ids), wall_s=gen.wall_s, ms_per_token=1000 * gen.wall_s / n,
+        new_tokens=len(gen.token_ids), wall_s=gen.wall_s,
+        ms_per_token=s.ms_per_token if s.ms_per_token is not None else 1000 * gen.wall_s,
         token_ids=gen.token_ids, mean_accepted_per_pass=s.mean_accepted_per_pass,
         acceptance_rate=s.acceptance_rate, busy=s.busy, overlap=s.overlap,
         curve=[e.t - gen.start_t for e in commits],
@@ -256,145 +247,120 @@ def _result(name: str, prompt: Prompt, repeat: int, gen, events) -> Result:
 
 def _window_stats(events, gen) -> run_stats.RunStats:
     """Statistics over the generation window only (the engine's events carry no run_finished)."""
-    from amusd_viz.events import RunFinished
-
     closing = RunFinished(t=gen.end_t, new_tokens=len(gen.token_ids), wall_s=gen.wall_s,
                           started_at=gen.start_t)
     return run_stats.compute([*events, closing])
 
 
-def bench_command(args) -> int:
+class _Runner:
+    """Runs a plan: one engine per strategy and round, each warmed up on an untimed run."""
+
+    def __init__(self, plan: BenchPlan, prepared, encoded: list[list[int]], bar) -> None:
+        self.plan, self.prepared, self.encoded, self.bar = plan, prepared, encoded, bar
+        self.engine: Engine | None = None
+        self.results: list[Result] = []
+
+    def engine_config(self, run: PlannedRun):
+        from amusd_viz.config import draft_runs_with_target
+        from amusd_viz.engine.devices import resolve_draft_quant
+
+        target_device, draft_device = devices_for(KNOWN[run.name][1], self.plan.gpus,
+                                                  self.plan.cores)
+        runs_on = target_device if draft_runs_with_target(run.engine_strategy) else draft_device
+        run_cfg = self.plan.cfg.run.model_copy(update={
+            "target_device": target_device, "draft_device": draft_device,
+            "draft_quant": resolve_draft_quant(self.plan.cfg.run.draft_quant_option, runs_on)})
+        return self.prepared.engine_config(run_cfg, run.engine_strategy)
+
+    def one_strategy(self, run: PlannedRun, repeat: int) -> None:
+        from amusd_viz.engine.session import Engine
+
+        sink = EventList()
+        max_new = self.plan.cfg.run.max_new_tokens
+        eos = self.prepared.eos_ids
+        self.bar.set_postfix_str(f"{run.label}: loading")
+        self.engine = engine = Engine(self.engine_config(run), sink)
+        engine.start()
+        engine.wait_ready()
+        self.bar.set_postfix_str(f"{run.label}: warm-up")
+        engine.generate(self.encoded[0], min(16, max_new), run.lookahead, eos)
+        for prompt, ids in zip(self.plan.prompts, self.encoded, strict=False):
+            self.bar.set_postfix_str(f"{run.label}: {prompt.id}")
+            sink.events = []
+            gen = engine.generate(ids, max_new, run.lookahead, eos)
+            self.results.append(_result(run.label, prompt, repeat, gen, sink.events))
+            self.bar.update()
+        engine.close()
+        self.engine = None
+
+    def rounds(self) -> bool:
+        """Every repeat restarts each strategy's engine; rounds go in A-B-B-A order, so the
+        reversed order of odd rounds cancels a linear drift of the machine's speed (this VM's
+        plain decoding speed wandered by ±15% between back-to-back runs). Returns whether the
+        user interrupted."""
+        from amusd_viz.engine.session import RunCancelled
+
+        runs = self.plan.runs
+        try:
+            for repeat in range(self.plan.cfg.repeats):
+                for run in (runs if repeat % 2 == 0 else runs[::-1]):
+                    self.one_strategy(run, repeat)
+        except (KeyboardInterrupt, RunCancelled):
+            print("\namusd-viz bench: interrupted; results so far:", file=sys.stderr)
+            return True
+        finally:
+            if self.engine is not None:
+                self.engine.close()
+        return False
+
+
+def bench_command(cfg: BenchConfig) -> int:
     from tqdm.auto import tqdm
 
     from amusd_viz.engine.devices import cuda_count, usable_cores
     from amusd_viz.engine.run import prepare
-    from amusd_viz.engine.session import Engine, RunCancelled
 
-    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [n for n in names if n not in KNOWN]
-    if unknown:
-        raise UserError(f"unknown strategy {unknown[0]!r} in --strategies. Known: {', '.join(KNOWN)}.")
-    if "ar" not in names:
-        names.insert(0, "ar")  # the reference for speedups and losslessness
-    prompts = load_prompts(args.prompts or default_prompts_path())
-    if args.kinds:
-        wanted = {k.strip() for k in args.kinds.split(",")}
-        prompts = [p for p in prompts if p.kind in wanted]
-    if args.limit:
-        prompts = prompts[: args.limit]
-    if not prompts:
-        raise UserError("no prompts left after --kinds/--limit.")
-    lookaheads = args.lookahead
-    runs: list[tuple[str, str, int]] = []  # (label, known name, lookahead)
-    for name in names:
-        if KNOWN[name][2] and len(lookaheads) > 1:
-            runs += [(f"{name}@{k}", name, k) for k in lookaheads]
-        else:
-            runs.append((name, name, lookaheads[0]))
     gpus, cores = cuda_count(), usable_cores()
-    prepared = prepare("amusd", args.draft, args.target, *devices_for("two", gpus, cores),
-                       args.dtype)
+    plan = plan_runs(cfg, gpus, cores)
+    if cfg.plot is not None:
+        require_matplotlib()
+    prepared = prepare(cfg.run)
     encoded = []
-    for p in prompts:
+    for p in plan.prompts:
         ids = prepared.encode(p.prompt)
-        prepared.check_length(ids, args.max_new_tokens)
+        prepared.check_length(ids, cfg.run.max_new_tokens)
         encoded.append(ids)
-    quant = resolve_draft_quant(args.draft_quant, gpus)
-    print(f"amusd-viz bench: {len(prompts)} prompts × {len(runs)} strategies × {args.repeats} "
-          f"repeat(s), {args.max_new_tokens} new tokens, {args.dtype}, draft {prepared.draft} "
-          f"(quant: {quant}), target {prepared.target}", file=sys.stderr)
-    results: list[Result] = []
-    total = len(prompts) * len(runs) * args.repeats
-    bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr)
-    interrupted = False
-    engine = None
-    try:
-        # Rounds in A-B-B-A order: every repeat restarts each strategy's engine, and the reversed
-        # order of odd rounds cancels a linear drift of the machine's speed (this VM's plain
-        # decoding speed wandered by ±15% between back-to-back runs).
-        for repeat in range(args.repeats):
-            for label, name, lookahead in (runs if repeat % 2 == 0 else runs[::-1]):
-                strategy, kind, _ = KNOWN[name]
-                target_device, draft_device = devices_for(kind, gpus, cores)
-                sink = EventList()
-                cfg = prepared.engine_config(strategy, draft_quant=quant,
-                                             stall_timeout=args.stall_timeout,
-                                             wait_steps=args.wait_steps)
-                if args.no_preamble_cache:
-                    cfg.preamble = ()
-                cfg.target_device, cfg.draft_device = target_device, draft_device
-                bar.set_postfix_str(f"{label}: loading")
-                engine = Engine(cfg, sink)
-                engine.start()
-                engine.wait_ready()
-                bar.set_postfix_str(f"{label}: warm-up")
-                engine.generate(encoded[0], min(16, args.max_new_tokens), lookahead,
-                                prepared.eos_ids)
-                for prompt, ids in zip(prompts, encoded):
-                    bar.set_postfix_str(f"{label}: {prompt.id}")
-                    sink.events = []
-                    gen = engine.generate(ids, args.max_new_tokens, lookahead, prepared.eos_ids)
-                    results.append(_result(label, prompt, repeat, gen, sink.events))
-                    bar.update()
-                engine.close()
-                engine = None
-    except (KeyboardInterrupt, RunCancelled):
-        interrupted = True
-        print("\namusd-viz bench: interrupted; results so far:", file=sys.stderr)
-    finally:
-        bar.close()
-        if engine is not None:
-            engine.close()
-    labels = [label for label, _, _ in runs]
-    report = build_report(results, labels, prompts, args, prepared, quant, interrupted)
-    print(format_table(report["summary"]))
-    for kind, block in report["by_kind"].items():
-        print(f"\n{kind}:")
-        print(format_table(block))
-    bad = [v for v in report["lossless"] if v["verdict"] == "differs"]
-    near = [v for v in report["lossless"] if v["verdict"] == "near-tie"]
-    same = [v for v in report["lossless"] if v["verdict"] == "identical"]
-    print(f"\nlossless vs ar: {len(same)} identical, {len(near)} parted at a numeric near-tie "
-          f"({args.dtype}), {len(bad)} DIFFER")
-    for v in near[:5]:
-        print(f"  near-tie: {v['strategy']} on {v['prompt']} at token {v['first_difference']} "
-              f"(target's top-2 logit gap {v['top2_logit_gap']})")
-    for v in bad:
-        print(f"  DIFFERS (a bug): {v['strategy']} on {v['prompt']} at token "
-              f"{v['first_difference']} (top-2 logit gap {v['top2_logit_gap']})", file=sys.stderr)
-    if report["summary"]:
-        print("\n" + terminal_chart(report["summary"]))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.plot and results:
-        first = prompts[0].id
-        curves = {r.strategy: r.curve for r in results if r.prompt_id == first and r.repeat == 0}
-        write_svg(args.plot, curves, f"tokens against time, prompt {first}")
-        print(f"wrote {args.plot}", file=sys.stderr)
+    print(f"amusd-viz bench: {len(plan.prompts)} prompts × {len(plan.runs)} strategies × "
+          f"{cfg.repeats} repeat(s), {cfg.run.max_new_tokens} new tokens, {cfg.run.dtype}, draft "
+          f"{prepared.draft} (quant: {cfg.run.draft_quant_option}), target {prepared.target}",
+          file=sys.stderr)
+    total = len(plan.prompts) * len(plan.runs) * cfg.repeats
+    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as bar:
+        runner = _Runner(plan, prepared, encoded, bar)
+        interrupted = runner.rounds()
+    report = build_report(runner.results, plan, prepared, interrupted)
+    bad = print_report(report)
+    first = plan.prompts[0].id
+    curves = {r.strategy: r.curve for r in runner.results if r.prompt_id == first and r.repeat == 0}
+    write_outputs(report, cfg.json_out, cfg.plot, curves, first)
     return 130 if interrupted else (1 if bad else 0)
 
 
-def resolve_draft_quant(choice: str, gpus: int) -> str:
-    if choice == "auto":
-        return "none" if gpus else "int8"
-    if choice == "int8" and gpus:
-        raise UserError("--draft-quant int8 runs on CPU devices only; use none on a GPU.")
-    return choice
-
-
-def build_report(results, labels, prompts, args, prepared, quant, interrupted) -> dict:
+def build_report(results: list[Result], plan: BenchPlan, prepared, interrupted: bool) -> dict:
     from amusd_viz.eventlog import machine_info, package_versions
 
+    cfg = plan.cfg
+    labels = [run.label for run in plan.runs]
     overall = summarize(results, labels)
     return {
         "summary": overall["overall"],
         "by_kind": overall["by_kind"],
-        "lossless": compare_with_ar(results, args.dtype),
-        "settings": {"draft": prepared.draft, "target": prepared.target, "dtype": args.dtype,
-                     "max_new_tokens": args.max_new_tokens, "lookahead": args.lookahead,
-                     "repeats": args.repeats, "prompts": len(prompts), "draft_quant": quant,
-                     "preamble_cache": not args.no_preamble_cache,
+        "lossless": compare_with_ar(results, cfg.run.dtype),
+        "settings": {"draft": prepared.draft, "target": prepared.target, "dtype": cfg.run.dtype,
+                     "max_new_tokens": cfg.run.max_new_tokens, "lookahead": list(cfg.lookaheads),
+                     "repeats": cfg.repeats, "prompts": len(plan.prompts),
+                     "draft_quant": cfg.run.draft_quant_option,
+                     "preamble_cache": cfg.run.preamble_cache,
                      "strategies": {label: DESCRIPTIONS[label.split("@")[0]] for label in labels},
                      "interrupted": interrupted},
         "machine": machine_info(),

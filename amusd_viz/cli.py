@@ -1,4 +1,4 @@
-"""The `amusd-viz` command line (DESIGN.md §4).
+"""The `amusd-viz` command line (docs/architecture.md, "Command line").
 
 `amusd-viz [options]` opens the TUI and generates (or, with --headless, prints the run summary as
 JSON); `bench`, `replay`, `export-trace`, `stats` and `models` are subcommands. Every mistake a
@@ -8,27 +8,34 @@ user can make exits 2 with one line naming the problem and the way out.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import signal
 import sys
 from pathlib import Path
 
 from amusd_viz import __version__
+from amusd_viz.config import (
+    DEFAULT_BENCH_MAX_NEW,
+    DEFAULT_LOOKAHEAD,
+    DEFAULT_MAX_NEW,
+    DEFAULT_PROMPT,
+    DEFAULT_STALL_TIMEOUT,
+    DTYPES,
+    QUANT_CHOICES,
+    STRATEGIES,
+    BenchConfig,
+    RunConfig,
+)
 from amusd_viz.errors import RunFailed, UserError
 
-STRATEGIES = ("amusd", "sync", "ar")
-DTYPES = ("bfloat16", "float16", "float32")
-DEFAULT_PROMPT = ("Write a Python function that returns the n-th Fibonacci number iteratively, "
-                  "with a docstring and type hints.")
-DEFAULT_MAX_NEW = 128
-DEFAULT_LOOKAHEAD = 8
 COMMANDS = ("bench", "replay", "export-trace", "stats", "models")
+BENCH_STRATEGIES = "ar,ar-1dev,sync,sync-1dev,amusd,hf-assisted"
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad option is one line and exit 2, with a pointer to --help."""
 
-    def error(self, message: str):  # noqa: D401
+    def error(self, message: str):  # exits 2, never returns
         self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
 
 
@@ -73,7 +80,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "cpu (all cores) for sync and ar)")
     g.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                    help="weights and compute dtype; float32 is bit-exact (default: bfloat16)")
-    g.add_argument("--draft-quant", choices=("auto", "none", "int8"), default="auto",
+    g.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
                    help="int8: dynamic int8 linear layers for the draft only (CPU; the target "
                         "and so the output are untouched); auto: int8 on CPU, none on GPU "
                         "(default: auto)")
@@ -94,13 +101,13 @@ def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> N
         g.add_argument("--lookahead", type=positive_int, default=DEFAULT_LOOKAHEAD, metavar="K",
                        help=f"draft tokens verified per target pass at most (default: "
                             f"{DEFAULT_LOOKAHEAD})")
-    g.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW if not bench
-                   else 64, metavar="N",
+    max_new = DEFAULT_BENCH_MAX_NEW if bench else DEFAULT_MAX_NEW
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new, metavar="N",
                    help=f"stop after N generated tokens, or at end of sequence (default: "
-                        f"{DEFAULT_MAX_NEW if not bench else 64})")
-    g.add_argument("--stall-timeout", type=positive_float, default=300.0, metavar="S",
-                   help="fail the run when the target makes no progress for S seconds "
-                        "(default: 300)")
+                        f"{max_new})")
+    g.add_argument("--stall-timeout", type=positive_float, default=DEFAULT_STALL_TIMEOUT,
+                   metavar="S", help="fail the run when the target makes no progress for S "
+                                     f"seconds (default: {DEFAULT_STALL_TIMEOUT:g})")
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -131,68 +138,82 @@ def build_run_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _models_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="amusd-viz models",
+                description="List the known models: default role, where each comes from now, "
+                            "whether it is available offline, size and local path.")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    return p
+
+
+def _stats_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="amusd-viz stats", description="Print the statistics of an event log.")
+    p.add_argument("file", type=Path, help="an event log written with --events")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+def _export_trace_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="amusd-viz export-trace",
+                description="Write a Chrome trace-event JSON file (opens in Perfetto or "
+                            "chrome://tracing) with one lane per device.")
+    p.add_argument("file", type=Path, help="an event log written with --events")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
+                   help="where to write the trace (JSON)")
+    return p
+
+
+def _replay_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="amusd-viz replay",
+                description="Play a recorded event log in the TUI (no models, no torch).")
+    p.add_argument("file", type=Path, help="an event log written with --events")
+    p.add_argument("--speed", type=positive_float, default=1.0, metavar="X",
+                   help="playback speed factor (default: 1.0)")
+    return p
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="amusd-viz bench",
+                description="Run every strategy on the same prompts, models and dtype, and "
+                            "compare their speed, acceptance and losslessness.")
+    add_model_options(p)
+    add_generation_options(p, bench=True)
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
+                   help='prompts, one {"id": ..., "prompt": ...} a line (default: the bundled '
+                        "prompt set)")
+    g.add_argument("--strategies", default=BENCH_STRATEGIES, metavar="LIST",
+                   help=f"comma-separated strategies (default: all: {BENCH_STRATEGIES}; "
+                        "hf-generate is the other choice)")
+    g.add_argument("--lookahead", type=int_list, default=[DEFAULT_LOOKAHEAD], metavar="K[,K…]",
+                   help=f"lookahead for sync and amusd; a list sweeps it (default: "
+                        f"{DEFAULT_LOOKAHEAD})")
+    g.add_argument("--wait-steps", type=float, default=0.0, metavar="W",
+                   help="amusd, experimental: let the target wait up to W draft steps per draft "
+                        "it expects to be worth waiting for; 0 never waits (default: 0)")
+    g.add_argument("--no-preamble-cache", action="store_true",
+                   help="feed every prompt whole, as transformers' generate does; by default ar, "
+                        "sync and amusd start past the chat template's fixed preamble, fed once "
+                        "while the models load")
+    g.add_argument("--repeats", type=positive_int, default=1, metavar="N",
+                   help="timed runs per prompt and strategy; the median is reported (default: 1)")
+    g.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N prompts")
+    g.add_argument("--kinds", metavar="LIST",
+                   help="only prompts of these kinds (comma-separated: code,chat,prose,math)")
+    g.add_argument("--json", type=Path, metavar="OUT", help="write the full results as JSON")
+    g.add_argument("--plot", type=Path, metavar="OUT.svg",
+                   help="draw cumulative tokens against time for the first prompt (SVG; needs "
+                        "matplotlib: pip install 'amusd-viz[plot]')")
+    return p
+
+
+_COMMAND_PARSERS = {"models": _models_parser, "stats": _stats_parser,
+                    "export-trace": _export_trace_parser, "replay": _replay_parser,
+                    "bench": _bench_parser}
+
+
 def build_command_parser(command: str) -> argparse.ArgumentParser:
-    if command == "models":
-        p = _Parser(prog="amusd-viz models",
-                    description="List the known models: default role, where each comes from now, "
-                                "whether it is available offline, size and local path.")
-        p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-        return p
-    if command == "stats":
-        p = _Parser(prog="amusd-viz stats", description="Print the statistics of an event log.")
-        p.add_argument("file", type=Path, help="an event log written with --events")
-        p.add_argument("--json", action="store_true", help="print JSON instead of text")
-        return p
-    if command == "export-trace":
-        p = _Parser(prog="amusd-viz export-trace",
-                    description="Write a Chrome trace-event JSON file (opens in Perfetto or "
-                                "chrome://tracing) with one lane per device.")
-        p.add_argument("file", type=Path, help="an event log written with --events")
-        p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
-                       help="where to write the trace (JSON)")
-        return p
-    if command == "replay":
-        p = _Parser(prog="amusd-viz replay",
-                    description="Play a recorded event log in the TUI (no models, no torch).")
-        p.add_argument("file", type=Path, help="an event log written with --events")
-        p.add_argument("--speed", type=positive_float, default=1.0, metavar="X",
-                       help="playback speed factor (default: 1.0)")
-        return p
-    if command == "bench":
-        p = _Parser(prog="amusd-viz bench",
-                    description="Run every strategy on the same prompts, models and dtype, and "
-                                "compare their speed, acceptance and losslessness.")
-        add_model_options(p)
-        add_generation_options(p, bench=True)
-        g = p.add_argument_group("benchmark")
-        g.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
-                       help='prompts, one {"id": ..., "prompt": ...} a line (default: the '
-                            "bundled prompt set)")
-        g.add_argument("--strategies", default="ar,ar-1dev,sync,sync-1dev,amusd,hf-assisted",
-                       metavar="LIST", help="comma-separated strategies (default: all: "
-                                            "ar,ar-1dev,sync,sync-1dev,amusd,hf-assisted)")
-        g.add_argument("--lookahead", type=int_list, default=[DEFAULT_LOOKAHEAD], metavar="K[,K…]",
-                       help=f"lookahead for sync and amusd; a list sweeps it (default: "
-                            f"{DEFAULT_LOOKAHEAD})")
-        g.add_argument("--wait-steps", type=float, default=0.0, metavar="W",
-                       help="amusd, experimental: let the target wait up to W draft steps per "
-                            "draft it expects to be worth waiting for; 0 never waits (default: 0)")
-        g.add_argument("--no-preamble-cache", action="store_true",
-                       help="feed every prompt whole, as transformers' generate does; by default "
-                            "ar, sync and amusd start past the chat template's fixed preamble, "
-                            "fed once while the models load")
-        g.add_argument("--repeats", type=positive_int, default=1, metavar="N",
-                       help="timed runs per prompt and strategy; the median is reported "
-                            "(default: 1)")
-        g.add_argument("--limit", type=positive_int, metavar="N",
-                       help="use only the first N prompts")
-        g.add_argument("--kinds", metavar="LIST",
-                       help="only prompts of these kinds (comma-separated: code,chat,prose,math)")
-        g.add_argument("--json", type=Path, metavar="OUT", help="write the full results as JSON")
-        g.add_argument("--plot", type=Path, metavar="OUT.svg",
-                       help="draw cumulative tokens against time for the first prompt (SVG)")
-        return p
-    raise AssertionError(command)
+    return _COMMAND_PARSERS[command]()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,32 +243,21 @@ def _terminate_as_interrupt() -> None:
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    try:
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread (tests)
         signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (tests)
-        pass
 
 
 def _dispatch(command: str, args) -> int:
-    if command == "models":
-        from amusd_viz.commands import models_command
+    from amusd_viz import commands
 
-        return models_command(args)
-    if command == "stats":
-        from amusd_viz.commands import stats_command
+    if command == "bench":
+        from amusd_viz.bench import bench_command
 
-        return stats_command(args)
-    if command == "export-trace":
-        from amusd_viz.commands import export_trace_command
-
-        return export_trace_command(args)
-    if command == "replay":
-        from amusd_viz.commands import replay_command
-
-        return replay_command(args)
-    from amusd_viz.bench import bench_command
-
-    return bench_command(args)
+        return bench_command(build_bench_config(args))
+    handler = {"models": commands.models_command, "stats": commands.stats_command,
+               "export-trace": commands.export_trace_command,
+               "replay": commands.replay_command}[command]
+    return handler(args)
 
 
 def read_prompt(args) -> str:
@@ -271,70 +281,65 @@ def read_prompt(args) -> str:
     return DEFAULT_PROMPT
 
 
-def resolve_devices(args, strategy: str) -> tuple[str, str | None]:
-    from amusd_viz.engine.devices import default_devices, parse_device
-
-    default_target, default_draft = default_devices(strategy)
-    target = str(parse_device(args.target_device or default_target, "--target-device"))
-    draft = None
-    if strategy != "ar":
-        draft = str(parse_device(args.draft_device or default_draft, "--draft-device"))
-    return target, draft
-
-
 def _check_writable(path: Path | None, option: str) -> None:
     if path is not None and not path.parent.resolve().is_dir():
         raise UserError(f"{option} {path}: the folder {path.parent} does not exist. Create it or "
                         "choose another path.")
 
 
-def _run(args) -> int:
-    prompt = read_prompt(args)
-    target_device, draft_device = resolve_devices(args, args.strategy)
+def _model_settings(args) -> dict:
+    """The options that run and bench share, as RunConfig fields."""
+    return {"draft": args.draft, "target": args.target, "dtype": args.dtype,
+            "max_new_tokens": args.max_new_tokens, "stall_timeout": args.stall_timeout,
+            "target_device_option": args.target_device, "draft_device_option": args.draft_device,
+            "draft_quant_option": args.draft_quant}
+
+
+def build_run_config(args) -> RunConfig:
+    """The run the options describe, devices resolved and checked on this machine."""
+    from amusd_viz.engine.devices import resolve_run
+
     _check_writable(args.events, "--events")
     _check_writable(args.summary_json, "--summary-json")
+    cfg = RunConfig(strategy=args.strategy, prompt=read_prompt(args), lookahead=args.lookahead,
+                    events=args.events, summary_json=args.summary_json, **_model_settings(args))
+    return resolve_run(cfg)
+
+
+def build_bench_config(args) -> BenchConfig:
+    run = RunConfig(preamble_cache=not args.no_preamble_cache, wait_steps=args.wait_steps,
+                    lookahead=args.lookahead[0], **_model_settings(args))
+    return BenchConfig(
+        run=run, prompts=args.prompts,
+        strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
+        lookaheads=tuple(args.lookahead), repeats=args.repeats, limit=args.limit,
+        kinds=tuple(k.strip() for k in (args.kinds or "").split(",") if k.strip()),
+        json_out=args.json, plot=args.plot)
+
+
+def _run(args) -> int:
+    cfg = build_run_config(args)
     if args.headless:
-        return _run_headless(args, prompt, target_device, draft_device)
+        return run_headless(cfg)
     from amusd_viz.ui.launch import run_live
 
-    return run_live(args, prompt, target_device, draft_device)
+    return run_live(cfg)
 
 
-def engine_extra(args, draft_device: str | None) -> dict:
-    """Engine settings that come straight from options."""
-    from amusd_viz.bench import resolve_draft_quant
-
-    gpus = 1 if draft_device and draft_device.startswith("cuda") else 0
-    return {"stall_timeout": args.stall_timeout,
-            "draft_quant": resolve_draft_quant(args.draft_quant, gpus)}
-
-
-def log_config(args, prompt: str, target_device: str, draft_device: str | None) -> dict:
-    return {"strategy": args.strategy, "draft": args.draft, "target": args.target,
-            "draft_device": draft_device, "target_device": target_device, "dtype": args.dtype,
-            "max_new_tokens": args.max_new_tokens, "lookahead": args.lookahead,
-            "draft_quant": args.draft_quant, "prompt": prompt}
-
-
-def _run_headless(args, prompt: str, target_device: str, draft_device: str | None) -> int:
+def run_headless(cfg: RunConfig) -> int:
     from amusd_viz.engine.run import execute, prepare
     from amusd_viz.eventlog import JsonlRecorder, make_header
     from amusd_viz.events import FanOut
 
-    prepared = prepare(args.strategy, args.draft, args.target, target_device, draft_device,
-                       args.dtype)
-    recorder = None
-    if args.events:
-        recorder = JsonlRecorder(args.events, make_header(
-            log_config(args, prompt, target_device, draft_device)))
+    prepared = prepare(cfg)
+    recorder = JsonlRecorder(cfg.events, make_header(cfg.log_config())) if cfg.events else None
     try:
-        summary = execute(prepared, FanOut(recorder), prompt, args.max_new_tokens, args.lookahead,
-                          engine_extra=engine_extra(args, draft_device))
+        summary = execute(prepared, cfg, FanOut(*[recorder] if recorder else []))
     finally:
         if recorder:
             recorder.close()
-    text = json.dumps(summary, indent=2, ensure_ascii=False)
-    if args.summary_json:
-        args.summary_json.write_text(text + "\n", encoding="utf-8")
+    text = summary.to_json()
+    if cfg.summary_json:
+        cfg.summary_json.write_text(text + "\n", encoding="utf-8")
     print(text)
     return 0

@@ -30,9 +30,9 @@ def models_command(args) -> int:
               "yes" if r["available"] else "no",
               f"{r['size_mb']} MB" if r["size_mb"] else "-", r["path"] or r["hub_id"]]
              for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *table)]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *table, strict=False)]
     for line in [headers, *table]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=False)).rstrip())
     print(f"\nconverted models live in {cache_dir()} (set AMUSD_VIZ_CACHE to move it). "
           "Any hub id (org/name) or local directory also works as --draft/--target.")
     return 0
@@ -67,22 +67,3 @@ def replay_command(args) -> int:
     from amusd_viz.ui.launch import run_replay
 
     return run_replay(log, args.speed, str(args.file))
-
-
-def save_run(events: list, folder, strategy: str):
-    """Write a run's events (with a header) and its Perfetto trace next to each other."""
-    import time
-    from pathlib import Path
-
-    from amusd_viz.eventlog import JsonlRecorder, make_header
-    from amusd_viz.trace import to_trace
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(folder) / f"amusd-viz-{strategy or 'run'}-{stamp}"
-    log_path, trace_path = base.with_suffix(".jsonl"), base.with_suffix(".trace.json")
-    recorder = JsonlRecorder(log_path, make_header({"saved_from": "tui"}))
-    for event in events:
-        recorder.emit(event)
-    recorder.close()
-    trace_path.write_text(json.dumps(to_trace(events)), encoding="utf-8")
-    return log_path, trace_path

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -30,8 +31,8 @@ def machine_info() -> dict:
     }
 
 
-def package_versions() -> dict:
-    versions = {}
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
     for name in _PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -57,7 +58,8 @@ class JsonlRecorder:
     def __init__(self, path: str | os.PathLike, header: Header) -> None:
         self.path = Path(path)
         try:
-            self._file: IO[str] = open(self.path, "w", encoding="utf-8")
+            # open for the recorder's lifetime; close() ends it
+            self._file: IO[str] = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise UserError(f"cannot write the event log {self.path}: {exc.strerror}. "
                             "Choose a writable path with --events.") from None
@@ -151,7 +153,7 @@ def parse_log(raw: str, name: str = "<log>") -> EventLog:
                 warnings.append(f"{name}:{lineno}: the last event is incomplete; ignoring it")
                 break
             raise UserError(f"{name}:{lineno}: bad {kind} event: {_first_problem(exc)}") from None
-    if not any(e.type == "run_finished" for e in events):
+    if not any(getattr(e, "type", "") == "run_finished" for e in events):
         warnings.append(f"{name}: the run has no run_finished event (stopped early?)")
     return EventLog(header=header, events=events, warnings=warnings)
 
@@ -163,3 +165,18 @@ def _first_problem(exc: ValidationError) -> str:
         loc = loc[1:]
     where = ".".join(str(p) for p in loc) or "event"
     return f"{where}: {err.get('msg', 'invalid')}"
+
+
+def save_run(events: list, folder: str | os.PathLike, strategy: str) -> tuple[Path, Path]:
+    """Write a run's events (with a header) and its Perfetto trace next to each other."""
+    from amusd_viz.trace import to_trace
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(folder) / f"amusd-viz-{strategy or 'run'}-{stamp}"
+    log_path, trace_path = base.with_suffix(".jsonl"), base.with_suffix(".trace.json")
+    recorder = JsonlRecorder(log_path, make_header({"saved_from": "tui"}))
+    for event in events:
+        recorder.emit(event)
+    recorder.close()
+    trace_path.write_text(json.dumps(to_trace(events)), encoding="utf-8")
+    return log_path, trace_path

@@ -1,4 +1,4 @@
-"""The event vocabulary: what the engine tells its consumers (DESIGN.md §3).
+"""The event vocabulary: what the engine tells its consumers (docs/architecture.md, "Events").
 
 Typed pydantic models, one per `type`. Imports neither torch nor textual, so logs can be read,
 replayed, summarised and exported on a machine without models.
@@ -6,7 +6,7 @@ replayed, summarised and exported on a machine without models.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Protocol, Union
+from typing import Annotated, Literal, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -139,24 +139,21 @@ class Error(_Event):
 
 
 Event = Annotated[
-    Union[
-        RunStarted,
-        WorkerReady,
-        Forward,
-        DraftProposed,
-        VerifyResult,
-        Rollback,
-        TokenCommitted,
-        WorkerLost,
-        RunFinished,
-        Error,
-    ],
+    RunStarted
+    | WorkerReady
+    | Forward
+    | DraftProposed
+    | VerifyResult
+    | Rollback
+    | TokenCommitted
+    | WorkerLost
+    | RunFinished
+    | Error,
     Field(discriminator="type"),
 ]
-EVENT_TYPES = {
-    cls.model_fields["type"].default: cls
-    for cls in (RunStarted, WorkerReady, Forward, DraftProposed, VerifyResult, Rollback,
-                TokenCommitted, WorkerLost, RunFinished, Error)
+# type name -> class, derived from the union so that a new event is declared in one place
+EVENT_TYPES: dict[str, type[_Event]] = {
+    cls.model_fields["type"].default: cls for cls in get_args(get_args(Event)[0])
 }
 event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
 
@@ -171,7 +168,7 @@ class FanOut:
     """Sends each event to several sinks, in order."""
 
     def __init__(self, *sinks: EventSink) -> None:
-        self.sinks = [s for s in sinks if s is not None]
+        self.sinks = list(sinks)
 
     def emit(self, event: _Event) -> None:
         for sink in self.sinks:

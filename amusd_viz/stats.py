@@ -62,37 +62,32 @@ def _intersection(a, b) -> float:
     return total
 
 
-def compute(events) -> RunStats:
-    s = RunStats()
-    start_t = None
-    end_t = None
-    proposed = accepted = 0
-    reached: Counter[int] = Counter()
-    passed: Counter[int] = Counter()
-    committed_per_pass: list[int] = []
-    spans: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    first_gen_forward = None
-    for e in events:
-        kind = e.type
+class _Tally:
+    """What one pass over the events collects."""
+
+    def __init__(self) -> None:
+        self.s = RunStats()
+        self.start_t: float | None = None
+        self.end_t: float | None = None
+        self.proposed = self.accepted = 0
+        self.reached: Counter[int] = Counter()  # verify passes that reached draft position i
+        self.passed: Counter[int] = Counter()  # ... and accepted it
+        self.committed_per_pass: list[int] = []
+        self.spans: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        self.first_prefill: float | None = None
+
+    def add(self, e) -> None:
+        s, kind = self.s, e.type
         if kind == "run_started":
             s.strategy = e.strategy
         elif kind == "forward":
-            spans.setdefault((e.role, e.device), []).append((e.t, e.t + e.dur))
-            if e.phase == "prefill" and (first_gen_forward is None or e.t < first_gen_forward):
-                first_gen_forward = e.t
+            self.spans.setdefault((e.role, e.device), []).append((e.t, e.t + e.dur))
+            if e.phase == "prefill" and (self.first_prefill is None or e.t < self.first_prefill):
+                self.first_prefill = e.t
         elif kind == "draft_proposed":
             s.draft_tokens += 1
         elif kind == "verify_result":
-            committed_per_pass.append(len(e.committed))
-            if e.proposed:
-                s.verify_passes += 1
-                proposed += len(e.proposed)
-                accepted += e.accepted
-                s.accepted_histogram[e.accepted] = s.accepted_histogram.get(e.accepted, 0) + 1
-                for i in range(min(e.accepted + 1, len(e.proposed))):
-                    reached[i] += 1
-                    if i < e.accepted:
-                        passed[i] += 1
+            self.add_verify(e)
         elif kind == "rollback":
             s.rollbacks += 1
             s.wasted_draft_tokens += len(e.discarded)
@@ -105,38 +100,68 @@ def compute(events) -> RunStats:
             s.errors.append(e.message)
         elif kind == "run_finished":
             s.wall_s = e.wall_s
-            start_t = getattr(e, "started_at", None)
-            end_t = e.t
-    if s.verify_passes:
-        s.mean_accepted_per_pass = accepted / s.verify_passes
-        s.acceptance_rate = accepted / proposed if proposed else None
-        s.acceptance_by_position = [passed[i] / reached[i] for i in sorted(reached)]
-    if committed_per_pass:
-        s.mean_committed_per_pass = sum(committed_per_pass) / len(committed_per_pass)
-    s.accepted_histogram = dict(sorted(s.accepted_histogram.items()))
-    if start_t is None:
-        start_t = first_gen_forward
-    if end_t is None and spans:
-        end_t = max(e for v in spans.values() for _, e in v)
-    if not s.wall_s and start_t is not None and end_t is not None:
-        s.wall_s = end_t - start_t
-    if s.new_tokens and s.wall_s:
-        s.ms_per_token = 1000 * s.wall_s / s.new_tokens
-        s.tokens_per_s = s.new_tokens / s.wall_s
-    if s.wall_s and start_t is not None:
-        window = (start_t, start_t + s.wall_s)
+            self.start_t = getattr(e, "started_at", None)
+            self.end_t = e.t
+
+    def add_verify(self, e) -> None:
+        s = self.s
+        self.committed_per_pass.append(len(e.committed))
+        if not e.proposed:
+            return
+        s.verify_passes += 1
+        self.proposed += len(e.proposed)
+        self.accepted += e.accepted
+        s.accepted_histogram[e.accepted] = s.accepted_histogram.get(e.accepted, 0) + 1
+        for i in range(min(e.accepted + 1, len(e.proposed))):
+            self.reached[i] += 1
+            if i < e.accepted:
+                self.passed[i] += 1
+
+    def finish(self) -> RunStats:
+        s = self.s
+        if s.verify_passes:
+            s.mean_accepted_per_pass = self.accepted / s.verify_passes
+            s.acceptance_rate = self.accepted / self.proposed if self.proposed else None
+            s.acceptance_by_position = [self.passed[i] / self.reached[i]
+                                        for i in sorted(self.reached)]
+        if self.committed_per_pass:
+            s.mean_committed_per_pass = sum(self.committed_per_pass) / len(self.committed_per_pass)
+        s.accepted_histogram = dict(sorted(s.accepted_histogram.items()))
+        start_t = self.start_t if self.start_t is not None else self.first_prefill
+        end_t = self.end_t
+        if end_t is None and self.spans:
+            end_t = max(e for v in self.spans.values() for _, e in v)
+        if not s.wall_s and start_t is not None and end_t is not None:
+            s.wall_s = end_t - start_t
+        if s.new_tokens and s.wall_s:
+            s.ms_per_token = 1000 * s.wall_s / s.new_tokens
+            s.tokens_per_s = s.new_tokens / s.wall_s
+        if s.wall_s and start_t is not None:
+            self.busy_shares(start_t, start_t + s.wall_s)
+        return s
+
+    def busy_shares(self, lo: float, hi: float) -> None:
+        """Busy share per device and the share where draft and target both computed, inside
+        the generation window [lo, hi]."""
+        s = self.s
 
         def clip(v):
-            return _union([(max(a, window[0]), min(b, window[1])) for a, b in v if b > window[0]
-                           and a < window[1]])
+            return _union([(max(a, lo), min(b, hi)) for a, b in v if b > lo and a < hi])
 
         by_role: dict[str, list] = {}
-        for (role, device), v in spans.items():
+        for (role, device), v in self.spans.items():
             s.busy[f"{role}@{device}"] = _length(clip(v)) / s.wall_s
             by_role.setdefault(role, []).extend(v)
         if "draft" in by_role and "target" in by_role:
             s.overlap = _intersection(clip(by_role["draft"]), clip(by_role["target"])) / s.wall_s
-    return s
+
+
+def compute(events) -> RunStats:
+    """Every statistic of a run, in one pass over its events."""
+    tally = _Tally()
+    for e in events:
+        tally.add(e)
+    return tally.finish()
 
 
 def format_stats(s: RunStats) -> str:

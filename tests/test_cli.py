@@ -105,3 +105,102 @@ def test_models_table(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "qwen-coder-1.5b" in out and "available" in out
+
+
+# the typed run configuration ------------------------------------------------------------------
+
+def test_the_cli_builds_one_resolved_run_config(tmp_path):
+    from amusd_viz.cli import build_run_config
+
+    args = build_run_parser().parse_args(["--strategy", "sync", "--lookahead", "3", "--dtype",
+                                          "float32", "--events", str(tmp_path / "e.jsonl"),
+                                          "--prompt", "hi"])
+    cfg = build_run_config(args)
+    assert cfg.strategy == "sync" and cfg.lookahead == 3 and cfg.prompt == "hi"
+    assert cfg.target_device == "cpu" and cfg.draft_device == "cpu"  # sync: every core
+    assert cfg.draft_quant == "int8"  # auto, on a CPU
+    header = cfg.log_config()
+    assert header["events"] == str(tmp_path / "e.jsonl") and "faults" not in header
+    with pytest.raises(Exception, match="frozen"):
+        cfg.lookahead = 4  # type: ignore[misc]
+
+
+def test_a_rerun_with_another_strategy_resolves_its_own_devices():
+    from amusd_viz.config import RunConfig
+    from amusd_viz.engine.devices import resolve_run
+
+    amusd = resolve_run(RunConfig(strategy="amusd"))
+    assert (amusd.target_device, amusd.draft_device) == ("cpu:0", "cpu:1")
+    ar = resolve_run(amusd.with_strategy("ar"))
+    assert (ar.target_device, ar.draft_device) == ("cpu", None)
+
+
+def test_draft_quantization_follows_the_device_the_draft_runs_on(monkeypatch):
+    """sync loads the draft beside the target: with the target on a GPU, `auto` must not pick
+    int8 just because --draft-device names a CPU core."""
+    from amusd_viz.config import RunConfig
+    from amusd_viz.engine import devices
+    from amusd_viz.errors import UserError
+
+    monkeypatch.setattr(devices, "cuda_count", lambda: 2)
+    sync = devices.resolve_run(RunConfig(strategy="sync", target_device_option="cuda",
+                                         draft_device_option="cpu:1"))
+    assert sync.target_device == "cuda:0"  # `cuda` and `cuda:0` are one device
+    assert sync.draft_quant == "none"
+    amusd = devices.resolve_run(RunConfig(strategy="amusd", target_device_option="cuda:0",
+                                          draft_device_option="cpu:1"))
+    assert amusd.draft_quant == "int8"  # its own worker, on a CPU core
+    with pytest.raises(UserError, match="CPU devices only"):
+        devices.resolve_run(RunConfig(strategy="sync", target_device_option="cuda:0",
+                                      draft_quant_option="int8"))
+
+
+def test_bench_plan_checks_strategies_and_prompts(tmp_path):
+    from amusd_viz.bench import plan_runs
+    from amusd_viz.config import BenchConfig, RunConfig
+    from amusd_viz.errors import UserError
+
+    with pytest.raises(UserError, match="unknown strategy 'turbo'"):
+        plan_runs(BenchConfig(run=RunConfig(), strategies=("sync", "turbo")), 0, [0, 1])
+    plan = plan_runs(BenchConfig(run=RunConfig(), strategies=("sync", "amusd"),
+                                 lookaheads=(2, 4), kinds=("code",), limit=2), 0, [0, 1])
+    assert [r.label for r in plan.runs] == ["ar", "sync@2", "sync@4", "amusd@2", "amusd@4"]
+    assert len(plan.prompts) == 2 and {p.kind for p in plan.prompts} == {"code"}
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"id": 1}\n')
+    with pytest.raises(UserError, match="non-empty"):
+        plan_runs(BenchConfig(run=RunConfig(), prompts=bad), 0, [0, 1])
+    with pytest.raises(UserError, match="no prompts left"):
+        plan_runs(BenchConfig(run=RunConfig(), kinds=("poetry",)), 0, [0, 1])
+
+
+def test_bench_report_prints_one_table_for_one_kind():
+    import io
+
+    from rich.console import Console
+
+    from amusd_viz.bench import Result, summarize
+    from amusd_viz.bench_report import print_report
+
+    def result(strategy, ms):
+        return Result(strategy, "p1", "code", 0, 10, ms / 100, ms, list(range(10)),
+                      busy={"target@cpu": 0.9})
+
+    results = [result("ar", 200.0), result("sync", 100.0)]
+    s = summarize(results, ["ar", "sync"])
+    assert s["overall"]["sync"]["speedup_vs_ar"] == 2.0
+    report = {"summary": s["overall"], "by_kind": s["by_kind"], "lossless": [],
+              "settings": {"dtype": "float32"}}
+    out = io.StringIO()
+    print_report(report, Console(file=out, width=120))
+    text = out.getvalue()
+    assert text.count("ms/token") == 1  # one kind: the table is printed once
+    assert "2.00x" in text and "lossless vs ar: 0 identical" in text
+
+
+def test_bench_plot_draws_a_png(tmp_path):
+    from amusd_viz.bench_report import write_plot
+
+    out = tmp_path / "curve.png"
+    write_plot(out, {"ar": [0.1, 0.2, 0.3], "amusd": [0.05, 0.1]}, "tokens against time")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

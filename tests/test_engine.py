@@ -55,7 +55,7 @@ def run(engines, strategy, prompt, max_new, lookahead=4, draft="draft_far", eos=
 
 
 def check_invariants(gen, events):
-    """DESIGN.md §3: committed positions 0,1,2,… without gap or repeat, equal to the generated
+    """docs/architecture.md, "Invariants": committed positions 0,1,2,… without gap or repeat, equal to the generated
     ids; the forward spans of one device never overlap."""
     commits = [e for e in events if e.type == "token_committed"]
     assert [e.pos for e in commits] == list(range(len(commits)))

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import real_model
 
 pytestmark = [real_model, pytest.mark.real_model]

@@ -4,7 +4,6 @@ and the checks around them (tokenizer compatibility, checksums, cache atomicity)
 from __future__ import annotations
 
 import hashlib
-import sys
 import threading
 import time
 

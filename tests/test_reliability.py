@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from amusd_viz.eventlog import read_log
 from amusd_viz.engine.session import Engine, EngineConfig
 from amusd_viz.errors import RunFailed
+from amusd_viz.eventlog import read_log
 from amusd_viz.events import EventList
 
 
@@ -113,16 +113,34 @@ def test_interrupt_stops_everything(tiny_models, tmp_path, sig):
     read_log(events)  # still a valid log
 
 
+def _spawned_workers(pid: int) -> list[int]:
+    """The multiprocessing workers (spawn_main) among the children of `pid`."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                              text=True).stdout.split()
+    workers = []
+    for child in children:
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in cmdline:
+            workers.append(int(child))
+    return workers
+
+
 def test_interrupt_while_loading(tiny_models, tmp_path):
+    """Ctrl+C while both workers load their models: exit 130, both workers gone."""
     proc = subprocess.Popen(cli(tiny_models), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    time.sleep(3)  # imports and worker start-up
-    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                              text=True).stdout.split()
+    deadline = time.monotonic() + 60
+    while len(workers := _spawned_workers(proc.pid)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "workers never started"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode in (130, 0)
-    assert _wait_gone([int(p) for p in children]) == []
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert _wait_gone(workers) == []
 
 
 def test_stalled_target_is_treated_as_lost(tiny_models):

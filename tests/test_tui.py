@@ -3,7 +3,6 @@ runs of tiny models (a crash is shown, quitting leaves no worker)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -80,14 +79,14 @@ async def test_replay_pause_step_and_seek():
         await pilot.press("j")
         await pilot.pause(0.3)
         assert len(app.state.tokens) == before + 1
-        app.source.seek(app, "#40")
+        app.show_from(app.source.seek("#40"))
         await pilot.pause(0.3)
         assert len(app.state.tokens) == 41
-        app.source.seek(app, "0.5")
+        app.show_from(app.source.seek("0.5"))
         await pilot.pause(0.3)
         assert len(app.state.tokens) < 41
         with pytest.raises(ValueError):
-            app.source.seek(app, "#999")
+            app.source.seek("#999")
         await pilot.press("greater_than_sign")
         assert app.source.speed == 2.0
 
@@ -152,26 +151,17 @@ async def _settle(pilot):
 
 # live runs on tiny models ---------------------------------------------------------------------
 
-def live_app(tiny_models, monkeypatch, faults=None, max_new=30):
-    from amusd_viz import cli
+def live_app(tiny_models, faults=None, max_new=30):
+    from amusd_viz.config import RunConfig
+    from amusd_viz.engine.devices import resolve_run
     from amusd_viz.engine.run import prepare
     from amusd_viz.ui.sources import LiveSource
 
-    args = argparse.Namespace(strategy="amusd", lookahead=3, max_new_tokens=max_new,
-                              stall_timeout=60.0, events=None, summary_json=None,
-                              draft=str(tiny_models["draft_near"]), target=str(tiny_models["target"]),
-                              dtype="float32", draft_quant="none", draft_device=None,
-                              target_device=None)
-    base = cli.engine_extra
-
-    def with_faults(a, d):
-        extra = base(a, d)
-        extra["faults"] = faults or {}
-        return extra
-
-    monkeypatch.setattr(cli, "engine_extra", with_faults)
-    prepared = prepare("amusd", args.draft, args.target, "cpu:0", "cpu:1", "float32")
-    source = LiveSource(prepared, args, "def add(a, b):", lambda s: cli.resolve_devices(args, s))
+    cfg = resolve_run(RunConfig(
+        strategy="amusd", lookahead=3, max_new_tokens=max_new, stall_timeout=60.0,
+        draft=str(tiny_models["draft_near"]), target=str(tiny_models["target"]), dtype="float32",
+        draft_quant_option="none", prompt="def add(a, b):", faults=faults or {}))
+    source = LiveSource(prepare(cfg), cfg)
     return AmusdApp(source), source
 
 
@@ -194,8 +184,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_live_run_rerun_and_quit_leave_no_worker(tiny_models, monkeypatch):
-    app, source = live_app(tiny_models, monkeypatch)
+async def test_live_run_rerun_and_quit_leave_no_worker(tiny_models):
+    app, source = live_app(tiny_models)
     async with app.run_test(size=SIZE) as pilot:
         await _wait_for(pilot, lambda: app.state.status == "done")
         assert len(app.state.tokens) == 30
@@ -205,8 +195,8 @@ async def test_live_run_rerun_and_quit_leave_no_worker(tiny_models, monkeypatch)
         await _wait_for(pilot, lambda: app.state.strategy == "ar" and app.state.status == "done")
         assert [t.token_id for t in app.state.tokens] == [t.token_id for t in app.history[-1].tokens]
         await pilot.press("2")
-        await _wait_for(pilot, lambda: app.state.strategy == "sync" and app.state.status == "generating"
-                        or app.state.strategy == "sync" and app.state.status == "done")
+        await _wait_for(pilot, lambda: (app.state.strategy == "sync" and app.state.status == "generating")
+                        or (app.state.strategy == "sync" and app.state.status == "done"))
         running = [e.pid for e in app.state.events if e.type == "worker_ready"]
         await pilot.press("q")
     for pid in pids + running:
@@ -218,8 +208,8 @@ async def test_live_run_rerun_and_quit_leave_no_worker(tiny_models, monkeypatch)
         assert not _alive(pid), f"worker {pid} survived quitting"
 
 
-async def test_live_draft_crash_is_shown_and_the_run_completes(tiny_models, monkeypatch):
-    app, _ = live_app(tiny_models, monkeypatch, faults={"draft": "die_after:4"})
+async def test_live_draft_crash_is_shown_and_the_run_completes(tiny_models):
+    app, _ = live_app(tiny_models, faults={"draft": "die_after:4"})
     async with app.run_test(size=SIZE) as pilot:
         await _wait_for(pilot, lambda: app.state.status in ("done", "error"))
         assert app.state.status == "done" and len(app.state.tokens) == 30
@@ -228,8 +218,8 @@ async def test_live_draft_crash_is_shown_and_the_run_completes(tiny_models, monk
         await pilot.press("q")
 
 
-async def test_live_target_crash_shows_the_error_without_hanging(tiny_models, monkeypatch):
-    app, source = live_app(tiny_models, monkeypatch, faults={"target": "die_after:3"})
+async def test_live_target_crash_shows_the_error_without_hanging(tiny_models):
+    app, source = live_app(tiny_models, faults={"target": "die_after:3"})
     async with app.run_test(size=SIZE) as pilot:
         await _wait_for(pilot, lambda: app.state.status == "error")
         assert "target worker" in plain(app.query_one(RunHeader))

@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from amusd_viz.config import RunConfig, draft_runs_with_target
 from amusd_viz.errors import UserError
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
@@ -50,6 +51,8 @@ def parse_device(text: str, option: str = "--device") -> Device:
     if not match:
         raise UserError(f"{option} {text!r} is not a device. Use cpu, cpu:N (one core) or cuda:N.")
     kind, index = match.group(1), match.group(2)
+    if kind == "cuda" and index is None:
+        index = "0"  # `cuda` and `cuda:0` are the same device: one spelling everywhere
     device = Device(kind, int(index) if index is not None else None)
     if kind == "cpu" and device.index is not None and device.index not in usable_cores():
         raise UserError(f"{option} {text}: this machine has no core {device.index} "
@@ -94,3 +97,29 @@ def enter_device(device: Device) -> None:
     torch.set_num_threads(threads)
     if device.kind == "cuda":
         torch.cuda.set_device(device.index or 0)
+
+
+def resolve_draft_quant(choice: str, draft_device: str) -> str:
+    """int8 draft layers run on CPU only: `auto` picks int8 where the draft really runs on a
+    CPU (for sync, that is the target's device), none on a GPU."""
+    on_gpu = draft_device.startswith("cuda")
+    if choice == "auto":
+        return "none" if on_gpu else "int8"
+    if choice == "int8" and on_gpu:
+        raise UserError(f"--draft-quant int8 runs on CPU devices only, and the draft runs on "
+                        f"{draft_device}; use --draft-quant none (or auto) on a GPU.")
+    return choice
+
+
+def resolve_run(cfg: RunConfig) -> RunConfig:
+    """Fill in the devices and the draft's quantization for `cfg.strategy` on this machine,
+    from what the user asked for (checked: a missing core or GPU is a UserError)."""
+    default_target, default_draft = default_devices(cfg.strategy)
+    target = str(parse_device(cfg.target_device_option or default_target, "--target-device"))
+    draft = None
+    if cfg.uses_draft:
+        draft = str(parse_device(cfg.draft_device_option or default_draft, "--draft-device"))
+    runs_on = target if draft_runs_with_target(cfg.strategy) or draft is None else draft
+    quant = resolve_draft_quant(cfg.draft_quant_option, runs_on)
+    return cfg.model_copy(update={"target_device": target, "draft_device": draft,
+                                  "draft_quant": quant})

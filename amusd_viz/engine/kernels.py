@@ -44,6 +44,19 @@ def _identical(linear: nn.Linear, packed: PackedLinear) -> bool:
         return torch.equal(linear(probe), packed(probe))
 
 
+def _pack_one(parent: nn.Module, name: str, linear: nn.Linear) -> bool:
+    """Swap one layer for its packed twin if that gives the same outputs; in a function of its
+    own so that no reference to the plain layer outlives the swap."""
+    try:
+        packed = PackedLinear(linear)
+        same = _identical(linear, packed)
+    except RuntimeError:  # this CPU or torch build cannot run it packed: keep the plain layer
+        return False
+    if same:
+        setattr(parent, name, packed)
+    return same
+
+
 def pack_linears(model: nn.Module) -> int:
     """Swap every CPU bf16 `nn.Linear` of `model` for a `PackedLinear` that gives the same
     outputs. Returns how many were swapped (0 where the ops or the dtype do not apply).
@@ -61,16 +74,8 @@ def pack_linears(model: nn.Module) -> int:
                 swaps.append((parent, name, child))
     done = 0
     while swaps:
-        parent, name, linear = swaps.pop()
-        try:
-            packed = PackedLinear(linear)
-            same = _identical(linear, packed)
-        except RuntimeError:  # this CPU or torch build cannot run it packed: keep the plain layer
-            continue
-        if same:
-            setattr(parent, name, packed)
+        if _pack_one(*swaps.pop()):
             done += 1
-    linear = packed = None  # drop the last plain layer too
     if done:
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:

@@ -11,12 +11,18 @@ target's greedy decoding. The loops differ only in where draft tokens come from 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from amusd_viz.events import (Candidate, DraftProposed, Forward, Rollback, TokenCommitted,
-                              VerifyResult)
 from amusd_viz.engine.runner import Runner
+from amusd_viz.events import (
+    Candidate,
+    DraftProposed,
+    Forward,
+    Rollback,
+    TokenCommitted,
+    VerifyResult,
+)
 
 Emit = Callable[[object], None]
 
@@ -43,7 +49,8 @@ def _secs(req: Request, ns: int) -> float:
     return (ns - req.t0_ns) / 1e9
 
 
-def _forward_event(req, runner: Runner, role, device, phase, n, start, end) -> Forward:
+def _forward_event(req: Request, role: str, device: str, phase: str, n: int, start: int,
+                   end: int) -> Forward:
     return Forward(t=_secs(req, start), role=role, device=device, dur=(end - start) / 1e9,
                    phase=phase, n_tokens=n)
 
@@ -72,7 +79,7 @@ class Committer:
         """Commit ids in order, stopping at EOS or the token budget; returns what was committed."""
         taken = []
         now = time.perf_counter_ns()
-        for token, how, top in zip(ids, hows, tops):
+        for token, how, top in zip(ids, hows, tops, strict=False):
             if self.done:
                 break
             pos = self.n_new
@@ -97,7 +104,7 @@ def judge(runner: Runner, logits, drafts: list[int]) -> tuple[int, list[int], li
     accepted = 0
     while accepted < len(drafts) and drafts[accepted] == preds[accepted]:
         accepted += 1
-    new = drafts[:accepted] + [preds[accepted]]
+    new = [*drafts[:accepted], preds[accepted]]
     if not drafts:
         last = "decoded"
     else:
@@ -112,7 +119,7 @@ def verify(req: Request, c: Committer, target: Runner, device: str, drafts: list
     """One target pass over [last committed] + drafts: judge, commit, report. Returns how many
     drafts were accepted."""
     logits, fed, start, end = target.forward(c.seq + drafts, len(drafts) + 1)
-    emit(_forward_event(req, target, "target", device, "verify" if drafts else "decode",
+    emit(_forward_event(req, "target", device, "verify" if drafts else "decode",
                         fed, start, end))
     start_pos = c.n_new
     accepted, new, hows, tops = judge(target, logits, drafts)
@@ -128,7 +135,7 @@ def ar_loop(req: Request, target: Runner, device: str, emit: Emit) -> Outcome:
     phase = "prefill"
     while not c.done:
         logits, fed, start, end = target.forward(c.seq, 1)
-        emit(_forward_event(req, target, "target", device, phase, fed, start, end))
+        emit(_forward_event(req, "target", device, phase, fed, start, end))
         phase = "decode"
         token = int(logits[0].argmax())
         c.commit([token], ["decoded"], [target.top(logits[0])])
@@ -141,13 +148,13 @@ def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Em
     draft.begin()
     c = Committer(req, target, emit)
     logits, fed, start, end = target.forward(c.seq, 1)
-    emit(_forward_event(req, target, "target", device, "prefill", fed, start, end))
+    emit(_forward_event(req, "target", device, "prefill", fed, start, end))
     c.commit([int(logits[0].argmax())], ["decoded"], [target.top(logits[0])])
     while not c.done:
         drafts: list[int] = []
         for _ in range(min(req.lookahead, c.remaining - 1)):
             logits, fed, start, end = draft.forward(c.seq + drafts, 1)
-            emit(_forward_event(req, draft, "draft", device,
+            emit(_forward_event(req, "draft", device,
                                 "prefill" if len(draft.ids) == fed else "draft", fed, start, end))
             token = int(logits[0].argmax())
             emit(DraftProposed(t=_secs(req, end), pos=c.n_new + len(drafts), token_id=token,
@@ -206,7 +213,7 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
     c = Committer(req, target, emit)
     n_prompt = len(req.prompt_ids)
     logits, fed, start, end = target.forward(c.seq, 1)
-    emit(_forward_event(req, target, "target", device, "prefill", fed, start, end))
+    emit(_forward_event(req, "target", device, "prefill", fed, start, end))
     c.commit([int(logits[0].argmax())], ["decoded"], [target.top(logits[0])])
     shared.publish_committed(c.seq, n_prompt, done=c.done)
     pace = Pace()
@@ -258,10 +265,10 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
             continue
         logits, fed, start, end = draft.forward(seq, 1)
         passes += 1
-        emit(_forward_event(req, draft, "draft", device, "prefill" if passes == 1 else "draft",
+        emit(_forward_event(req, "draft", device, "prefill" if passes == 1 else "draft",
                             fed, start, end))
         token = int(logits[0].argmax())
-        seq = seq + [token]
+        seq = [*seq, token]
         shared.publish_drafts(seq, n_prompt, step_s=(end - start) / 1e9 if fed == 1 else None)
         emit(DraftProposed(t=_secs(req, end), pos=len(seq) - 1 - n_prompt, token_id=token,
                            text=draft.text(token), top=draft.top(logits[0])))
@@ -277,7 +284,7 @@ def hf_loop(req: Request, target: Runner, draft: Runner | None, device: str, emi
     if draft is not None:
         # transformers 5.x reads these from the assistant's generation_config; a fixed number of
         # draft tokens (the lookahead) beats its adaptive default on this kind of machine
-        # (DESIGN.md §5), so the peer gets its better setting.
+        # (docs/benchmarks.md), so the peer gets its better setting.
         draft.model.generation_config.num_assistant_tokens = req.lookahead
         draft.model.generation_config.num_assistant_tokens_schedule = "constant"
         kwargs["assistant_model"] = draft.model
@@ -291,7 +298,7 @@ def hf_loop(req: Request, target: Runner, draft: Runner | None, device: str, emi
         torch.cuda.synchronize(target.device)
     end = time.perf_counter_ns()
     new = out[0, len(req.prompt_ids):].tolist()
-    emit(_forward_event(req, target, "target", device, "decode", len(new), start, end))
+    emit(_forward_event(req, "target", device, "decode", len(new), start, end))
     c = Committer(req, target, emit)
     c.commit(new, ["decoded"] * len(new), [[] for _ in new])
     c.outcome.end_ns = end

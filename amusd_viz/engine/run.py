@@ -3,34 +3,35 @@ engine, generate, and build the run summary. Used by the headless CLI, the TUI a
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from amusd_viz import stats
+from amusd_viz.config import RunConfig
+from amusd_viz.engine.seq import common_prefix
+from amusd_viz.engine.session import Engine, EngineConfig, Generation
 from amusd_viz.errors import UserError
 from amusd_viz.events import EventList, FanOut, RunFinished, RunStarted
-from amusd_viz.engine.runner import common_prefix
-from amusd_viz.engine.session import Engine, EngineConfig, Generation
 from amusd_viz.models import registry
 from amusd_viz.models.loader import check_same_tokenizer, load_tokenizer, materialize
+from amusd_viz.summary import RunSummary
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
-    """Models found and ready on disk, the prompt tokenized with the target's chat template."""
+    """Models found and ready on disk, their shared tokenizer, and what the target allows. One
+    Prepared serves runs of every strategy (the TUI re-runs a prompt with another)."""
 
-    strategy: str
     draft: str | None
     target: str
     draft_src: str | None
     target_src: str
-    draft_device: str | None
-    target_device: str
-    dtype: str
-    tokenizer: object
+    tokenizer: Any
     eos_ids: frozenset[int]
     max_context: int | None
 
@@ -42,6 +43,7 @@ class Prepared:
             return tok(text, add_special_tokens=False).input_ids
         return tok(prompt).input_ids
 
+    @functools.cached_property
     def preamble(self) -> tuple[int, ...]:
         """The tokens every chat prompt starts with (the template's system turn and the user
         turn's opening), found as the common head of two different encoded prompts. The workers
@@ -61,12 +63,17 @@ class Prepared:
                 f"exceeds the target's context of {self.max_context} tokens. Shorten the prompt "
                 "or lower --max-new-tokens.")
 
-    def engine_config(self, strategy: str | None = None, **extra) -> EngineConfig:
-        strategy = strategy or self.strategy
+    def engine_config(self, cfg: RunConfig, strategy: str | None = None) -> EngineConfig:
+        """The engine's settings for a resolved run (`strategy`: a bench baseline instead)."""
+        strategy = strategy or cfg.strategy
         return EngineConfig(strategy=strategy, target_src=self.target_src,
-                            draft_src=self.draft_src if strategy != "ar" else None,
-                            target_device=self.target_device, draft_device=self.draft_device,
-                            dtype=self.dtype, preamble=self.preamble(), **extra)
+                            draft_src=self.draft_src if strategy not in ("ar", "hf-generate")
+                            else None,
+                            target_device=cfg.target_device, draft_device=cfg.draft_device,
+                            dtype=cfg.dtype, stall_timeout=cfg.stall_timeout,
+                            wait_steps=cfg.wait_steps, draft_quant=cfg.draft_quant,
+                            preamble=self.preamble if cfg.preamble_cache else (),
+                            faults={str(role): spec for role, spec in cfg.faults.items()})
 
 
 def _eos_ids(source: str, tokenizer) -> frozenset[int]:
@@ -87,84 +94,60 @@ def _max_context(source: str) -> int | None:
     return None
 
 
-def prepare(strategy: str, draft: str | None, target: str, target_device: str,
-            draft_device: str | None, dtype: str, log=lambda m: print(m, file=sys.stderr)) -> Prepared:
-    target_res = registry.resolve(target)
-    # The draft is resolved even for `ar`, so the TUI can re-run the prompt with sync or amusd.
-    draft_res = registry.resolve(draft) if draft else None
+def prepare(cfg: RunConfig, log=lambda m: print(m, file=sys.stderr)) -> Prepared:
+    """Resolve both models (the draft even for `ar`, so the TUI can re-run with sync or amusd),
+    convert them once if needed, and check that they share a tokenizer."""
+    target_res = registry.resolve(cfg.target)
+    draft_res = registry.resolve(cfg.draft) if cfg.draft else None
     target_src = materialize(target_res, log)
     draft_src = materialize(draft_res, log) if draft_res else None
     tokenizer = load_tokenizer(target_src)
-    if draft_res is not None:
+    if draft_res is not None and draft_src is not None:
         check_same_tokenizer(draft_res.name, draft_src, target_res.name, target_src,
                              target_tok=tokenizer)
-    return Prepared(strategy, draft_res.name if draft_res else None, target_res.name, draft_src,
-                    target_src, draft_device if draft_res else None, target_device, dtype,
+    return Prepared(draft_res.name if draft_res else None, target_res.name, draft_src, target_src,
                     tokenizer, _eos_ids(target_src, tokenizer), _max_context(target_src))
 
 
-def run_started_event(p: Prepared, strategy: str, prompt: str, prompt_ids, max_new_tokens,
-                      lookahead) -> RunStarted:
-    return RunStarted(t=0.0, strategy=strategy, draft=p.draft if strategy != "ar" else None,
-                      target=p.target, draft_device=p.draft_device if strategy != "ar" else None,
-                      target_device=p.target_device, prompt_tokens=len(prompt_ids), dtype=p.dtype,
-                      lookahead=lookahead if strategy != "ar" else 0,
-                      max_new_tokens=max_new_tokens, prompt=prompt)
+def run_started_event(p: Prepared, cfg: RunConfig, prompt_ids: list[int]) -> RunStarted:
+    spec = cfg.uses_draft
+    return RunStarted(t=0.0, strategy=cfg.strategy, draft=p.draft if spec else None,
+                      target=p.target, draft_device=cfg.draft_device if spec else None,
+                      target_device=cfg.target_device, prompt_tokens=len(prompt_ids),
+                      dtype=cfg.dtype, lookahead=cfg.lookahead if spec else 0,
+                      max_new_tokens=cfg.max_new_tokens, prompt=cfg.prompt)
 
 
-def summarize(p: Prepared, strategy: str, gen: Generation | None, events, prompt_ids) -> dict:
-    s = stats.compute(events)
+def summarize(p: Prepared, cfg: RunConfig, gen: Generation | None, events,
+              prompt_ids: list[int]) -> RunSummary:
     token_ids = gen.token_ids if gen else []
-    return {
-        "strategy": strategy,
-        "draft": p.draft if strategy != "ar" else None,
-        "target": p.target,
-        "draft_device": p.draft_device if strategy != "ar" else None,
-        "target_device": p.target_device,
-        "dtype": p.dtype,
-        "prompt_tokens": len(prompt_ids),
-        "new_tokens": len(token_ids),
-        "token_ids": token_ids,
-        "text": p.tokenizer.decode(token_ids, skip_special_tokens=True),
-        "stop_reason": gen.stop_reason if gen else "failed",
-        "wall_s": round(gen.wall_s, 4) if gen else None,
-        "ms_per_token": round(1000 * gen.wall_s / len(token_ids), 2) if gen and token_ids else None,
-        "mean_accepted_per_pass": s.mean_accepted_per_pass,
-        "acceptance_rate": s.acceptance_rate,
-        "verify_passes": s.verify_passes,
-        "rollbacks": s.rollbacks,
-        "wasted_draft_tokens": s.wasted_draft_tokens,
-        "busy": s.busy,
-        "overlap": s.overlap,
-        "draft_lost": bool(gen and gen.draft_lost),
-        "lossless_note": None if p.dtype == "float32" else (
-            f"{p.dtype}: exact greedy equality with the target alone holds up to numeric near-ties "
-            "(one- and multi-token passes round differently); use --dtype float32 for bit-exact "
-            "comparisons"),
-    }
+    return RunSummary(
+        strategy=cfg.strategy, draft=p.draft if cfg.uses_draft else None, target=p.target,
+        draft_device=cfg.draft_device if cfg.uses_draft else None,
+        target_device=cfg.target_device, dtype=cfg.dtype, prompt_tokens=len(prompt_ids),
+        token_ids=token_ids, text=p.tokenizer.decode(token_ids, skip_special_tokens=True),
+        stop_reason=gen.stop_reason if gen else "failed", draft_lost=bool(gen and gen.draft_lost),
+        stats=stats.compute(events))
 
 
-def execute(p: Prepared, sink, prompt: str, max_new_tokens: int, lookahead: int,
-            strategy: str | None = None, engine_extra: dict | None = None,
-            on_engine=None) -> dict:
+def execute(p: Prepared, cfg: RunConfig, sink, on_engine=None) -> RunSummary:
     """Run one prompt on a fresh engine; every event goes to `sink`; returns the summary."""
-    strategy = strategy or p.strategy
-    prompt_ids = p.encode(prompt)
-    p.check_length(prompt_ids, max_new_tokens)
+    prompt_ids = p.encode(cfg.prompt)
+    p.check_length(prompt_ids, cfg.max_new_tokens)
     kept = EventList()
     out = FanOut(sink, kept)
     t0 = time.perf_counter_ns()
-    out.emit(run_started_event(p, strategy, prompt, prompt_ids, max_new_tokens, lookahead))
-    engine = Engine(p.engine_config(strategy, **(engine_extra or {})), out, t0)
+    out.emit(run_started_event(p, cfg, prompt_ids))
+    engine = Engine(p.engine_config(cfg), out, t0)
     if on_engine:
         on_engine(engine)
     gen = None
     try:
         engine.start()
         engine.wait_ready()
-        gen = engine.generate(prompt_ids, max_new_tokens, lookahead, p.eos_ids)
+        gen = engine.generate(prompt_ids, cfg.max_new_tokens, cfg.lookahead, p.eos_ids)
         out.emit(RunFinished(t=gen.end_t, new_tokens=len(gen.token_ids), wall_s=gen.wall_s,
                              stop_reason=gen.stop_reason, started_at=gen.start_t))
     finally:
         engine.close()
-    return summarize(p, strategy, gen, kept.events, prompt_ids)
+    return summarize(p, cfg, gen, kept.events, prompt_ids)

@@ -18,13 +18,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+from amusd_viz.engine.seq import common_prefix
 
 
 class Runner:
@@ -104,4 +98,4 @@ class Runner:
         probs = torch.softmax(logits_row, dim=-1)
         p, idx = torch.topk(probs, self.top_k)
         return [{"id": int(i), "text": self.text(int(i)), "p": round(float(q), 4)}
-                for q, i in zip(p.tolist(), idx.tolist())]
+                for q, i in zip(p.tolist(), idx.tolist(), strict=False)]

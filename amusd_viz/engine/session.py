@@ -3,26 +3,38 @@ the sink, and notices a worker that died or stalled. Imports no torch."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import time
-from multiprocessing.connection import wait as wait_readable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_readable
+from typing import Any
 
+from typing_extensions import Self
+
+from amusd_viz.config import draft_runs_with_target
+from amusd_viz.engine.loops import Outcome, Request
+from amusd_viz.engine.messages import Done, Failed, Ready, RunRequest
+from amusd_viz.engine.shared import SharedState
+from amusd_viz.engine.worker import WorkerSpec, worker_main
 from amusd_viz.errors import RunFailed
+from amusd_viz.events import Error, WorkerLost
+
+POLL_S = 0.2  # the pump wakes at least this often to check liveness and stalls
+DRAFT_STOP_GRACE_S = 10.0  # after the target is done, the draft must stop within this
+CLOSE_GRACE_S = 2.0  # a polite stop, before terminate() and kill()
 
 
 class RunCancelled(Exception):
     """The run was stopped on purpose (quit, new prompt, Ctrl+C)."""
-from amusd_viz.events import Error, WorkerLost
-from amusd_viz.engine.loops import Request
-from amusd_viz.engine.shared import SharedState
-from amusd_viz.engine.worker import WorkerSpec, worker_main
-
-STRATEGIES = ("ar", "sync", "amusd", "hf-generate", "hf-assisted")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
+    """What the engine's workers need: resolved model sources and devices (built from a
+    RunConfig by `Prepared.engine_config`; tests build it directly)."""
+
     strategy: str
     target_src: str
     draft_src: str | None
@@ -35,6 +47,25 @@ class EngineConfig:
     draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
     preamble: tuple[int, ...] = ()  # the prompt head every run shares: cached at load time
     faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
+
+    @property
+    def one_device(self) -> bool:
+        return (self.draft_device or self.target_device) == self.target_device
+
+    def worker_specs(self, t0_ns: int) -> list[WorkerSpec]:
+        """amusd: a target and a draft worker; every other strategy: one worker."""
+        if self.strategy == "amusd":
+            return [
+                WorkerSpec("target", "amusd", self.target_device, self.dtype, self.target_src,
+                           None, t0_ns, self.faults.get("target", ""), preamble=self.preamble),
+                WorkerSpec("draft", "amusd", self.draft_device or self.target_device, self.dtype,
+                           None, self.draft_src, t0_ns, self.faults.get("draft", ""),
+                           self.draft_quant, preamble=self.preamble),
+            ]
+        draft_src = self.draft_src if draft_runs_with_target(self.strategy) else None
+        return [WorkerSpec("target", self.strategy, self.target_device, self.dtype,
+                           self.target_src, draft_src, t0_ns, self.faults.get("target", ""),
+                           self.draft_quant, self.preamble)]
 
 
 @dataclass
@@ -54,8 +85,8 @@ class Generation:
 class _Worker:
     spec: WorkerSpec
     process: mp.process.BaseProcess
-    requests: object
-    events: object  # the read end of this worker's own event pipe
+    requests: Any  # a multiprocessing Queue of RunRequest (None: stop)
+    events: Connection  # the read end of this worker's own event pipe
     ready: bool = False
     lost: bool = False
     closed: bool = False  # its event pipe reached EOF
@@ -74,6 +105,7 @@ class Engine:
         self._run_id = 0
         self._closed = False
         self._cancelled = False
+        self._done: dict[str, Outcome | int] = {}
 
     def now(self) -> float:
         return (time.perf_counter_ns() - self.t0_ns) / 1e9
@@ -82,21 +114,8 @@ class Engine:
     def start(self) -> None:
         cfg = self.cfg
         if cfg.strategy == "amusd":
-            self.shared = SharedState(self._ctx, cfg.capacity, one_device=(
-                (cfg.draft_device or cfg.target_device) == cfg.target_device))
-            specs = [
-                WorkerSpec("target", "amusd", cfg.target_device, cfg.dtype, cfg.target_src, None,
-                           self.t0_ns, cfg.faults.get("target", ""), preamble=cfg.preamble),
-                WorkerSpec("draft", "amusd", cfg.draft_device or cfg.target_device, cfg.dtype,
-                           None, cfg.draft_src, self.t0_ns, cfg.faults.get("draft", ""),
-                           cfg.draft_quant, preamble=cfg.preamble),
-            ]
-        else:
-            specs = [WorkerSpec("target", cfg.strategy, cfg.target_device, cfg.dtype, cfg.target_src,
-                                cfg.draft_src if cfg.strategy in ("sync", "hf-assisted") else None,
-                                self.t0_ns,
-                                cfg.faults.get("target", ""), cfg.draft_quant, cfg.preamble)]
-        for spec in specs:
+            self.shared = SharedState(self._ctx, cfg.capacity, one_device=cfg.one_device)
+        for spec in cfg.worker_specs(self.t0_ns):
             # One event pipe per worker: a worker killed mid-message can only tear its own pipe
             # (one shared queue would leave its lock held and block the other worker).
             requests = self._ctx.Queue()
@@ -111,7 +130,8 @@ class Engine:
         self._pump(lambda: all(w.ready or w.lost for w in self.workers.values()), phase="loading")
 
     def pids(self) -> dict[str, int]:
-        return {role: w.process.pid for role, w in self.workers.items()}
+        return {role: w.process.pid for role, w in self.workers.items()
+                if w.process.pid is not None}
 
     def close(self) -> None:
         """Stop every worker: politely, then by force. Safe to call more than once."""
@@ -120,11 +140,9 @@ class Engine:
         self._closed = True
         for w in self.workers.values():
             if w.process.is_alive():
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     w.requests.put(None)
-                except (OSError, ValueError):
-                    pass
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + CLOSE_GRACE_S
         for w in self.workers.values():
             w.process.join(max(0.0, deadline - time.monotonic()))
         for w in self.workers.values():
@@ -146,7 +164,7 @@ class Engine:
                 w.process.kill()
         self.close()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -167,11 +185,12 @@ class Engine:
                       self.cfg.wait_steps)
         live = [w for w in self.workers.values() if not w.lost]
         for w in live:
-            w.requests.put((run_id, req))
-        self._done: dict[str, object] = {}
+            w.requests.put(RunRequest(run_id, req))
+        self._done = {}
         self._pump(lambda: all(w.spec.role in self._done or w.lost for w in live),
                    phase="generating", run_id=run_id)
         outcome = self._done["target"]
+        assert isinstance(outcome, Outcome)
         return Generation(outcome.token_ids, outcome.stop_reason,
                           (start_ns - self.t0_ns) / 1e9, (outcome.end_ns - self.t0_ns) / 1e9,
                           draft_lost=self.workers.get("draft", None) is not None
@@ -184,21 +203,10 @@ class Engine:
         while not finished():
             if self._cancelled:
                 raise RunCancelled()
-            msg = self._next_message()
-            if isinstance(msg, tuple):
-                kind, role = msg[0], msg[1]
-                if kind == "ready":
-                    self.workers[role].ready = True
-                elif kind == "done" and msg[2] == run_id:
-                    self._done[role] = msg[3]
-                elif kind == "failed":
-                    self._lose(role, msg[2], phase)
-                if role == "target":
-                    last_target_news = time.monotonic()
-            elif msg is not None:
-                if getattr(msg, "role", "target") == "target":
-                    last_target_news = time.monotonic()
-                self.sink.emit(msg)
+            sender, msg = self._next_message()
+            self._handle(msg, phase, run_id)
+            if sender == "target":  # anything from the target's own pipe is progress
+                last_target_news = time.monotonic()
             for role, w in self.workers.items():
                 if not w.lost and (w.closed or msg is None) and not w.process.is_alive():
                     self._lose(role, f"the {role} worker (pid {w.process.pid}) exited with code "
@@ -209,19 +217,36 @@ class Engine:
                                f"{self.cfg.stall_timeout:.0f} s (--stall-timeout)", phase)
                 # once the target is done the draft must stop within a few seconds
                 if "target" in self._done and "draft" in self.workers and "draft" not in self._done:
-                    draft_done_deadline = draft_done_deadline or time.monotonic() + 10.0
+                    draft_done_deadline = (draft_done_deadline
+                                           or time.monotonic() + DRAFT_STOP_GRACE_S)
                     if time.monotonic() > draft_done_deadline and not self.workers["draft"].lost:
                         self._lose("draft", "the draft worker did not stop after the run", phase)
 
-    def _next_message(self):
-        """The next message from any worker, or None after 0.2 s without one."""
+    def _handle(self, msg, phase: str, run_id: int) -> None:
+        """Act on one message from a worker: a control message, or an event to forward."""
+        match msg:
+            case None:
+                pass
+            case Ready(role=role):
+                self.workers[role].ready = True
+            case Done(role=role, run_id=done_id, outcome=outcome):
+                if done_id == run_id:
+                    self._done[role] = outcome
+            case Failed(role=role, message=message):
+                self._lose(role, message, phase)
+            case _:  # an event
+                self.sink.emit(msg)
+
+    def _next_message(self) -> tuple[str | None, object]:
+        """(sender's role, message) from any worker, or (None, None) after POLL_S without one."""
         open_pipes = {w.events: w for w in self.workers.values() if not w.lost and not w.closed}
-        for conn in wait_readable(list(open_pipes), timeout=0.2):
+        for conn in wait_readable(list(open_pipes), timeout=POLL_S):
+            assert isinstance(conn, Connection)
             try:
-                return conn.recv()
+                return open_pipes[conn].spec.role, conn.recv()
             except (EOFError, OSError):  # the worker is gone; its exit code tells the rest
                 open_pipes[conn].closed = True
-        return None
+        return None, None
 
     def _lose(self, role: str, message: str, phase: str) -> None:
         if self._cancelled:

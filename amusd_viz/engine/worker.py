@@ -14,6 +14,9 @@ import time
 import traceback
 from dataclasses import dataclass
 
+PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent dies
+WARM_UP_TOKENS = 16  # warm-up prompt length: enough to build the kernels a run will use
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -33,7 +36,7 @@ def _die_with_parent() -> None:
     """Ask Linux to kill this worker when the coordinator dies, so no orphan survives it."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # pragma: no cover - not Linux
         pass
 
@@ -66,10 +69,10 @@ def _load(src: str, dtype_name: str, device: str, tokenizer=None, quant: str = "
     runner = Runner(model, device, tokenizer)
     # Warm up: the first passes page the weights in and build the kernels. That is loading
     # work; left in, it would land in the first run's timings.
-    warm = list(range(16))
+    warm = list(range(WARM_UP_TOKENS))
     for n_logits in (1, 4):
         runner.forward(warm, n_logits)
-        warm = warm + [16]
+        warm = [*warm, WARM_UP_TOKENS]
     runner.set_preamble(list(preamble))
     return runner
 
@@ -78,9 +81,9 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
     """`events` is this worker's own pipe to the coordinator."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator owns Ctrl+C
     _die_with_parent()
-    role = spec.role
     try:
         from amusd_viz.engine.devices import enter_device, parse_device
+        from amusd_viz.engine.messages import Done, Ready
 
         device = parse_device(spec.device)
         enter_device(device)
@@ -90,54 +93,64 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
         # TUI. Failures still reach the coordinator through the pipe.
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        from amusd_viz.events import WorkerReady
-        from amusd_viz.engine import loops
-
-        start = time.perf_counter_ns()
-        target = draft = None
-        # transformers' own generate is the baseline users would otherwise run: stock layers,
-        # the whole prompt fed every time (a pre-filled cache also derails its assisted
-        # generation in transformers 5.24: it repeats tokens)
-        stock = spec.strategy in ("hf-generate", "hf-assisted")
-        preamble = () if stock else spec.preamble
-        if spec.target_src:
-            target = _load(spec.target_src, spec.dtype, device.torch_device, pack=not stock,
-                           preamble=preamble)
-        if spec.draft_src:
-            draft = _load(spec.draft_src, spec.dtype, device.torch_device,
-                          target.tokenizer if target else None, spec.draft_quant,
-                          pack=not stock, preamble=preamble)
-        for runner in (target, draft):
-            if runner is not None and shared is not None:
-                runner.turn = shared.device_turn
-        now = time.perf_counter_ns()
-        load_s = (now - start) / 1e9
-        for r, runner in (("target", target), ("draft", draft)):
-            if runner is not None:
-                events.send(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=r, device=str(device),
-                                       pid=os.getpid(), load_s=load_s))
-        events.send(("ready", role))
-
+        target, draft = _load_models(spec, device, shared, events)
+        events.send(Ready(spec.role))
         emit = _fault_injector(spec, events.send)
-        while True:
-            msg = requests.get()
-            if msg is None:
-                break
-            run_id, req = msg
-            if spec.strategy == "ar":
-                result = loops.ar_loop(req, target, str(device), emit)
-            elif spec.strategy in ("hf-generate", "hf-assisted"):
-                result = loops.hf_loop(req, target, draft, str(device), emit)
-            elif spec.strategy == "sync":
-                result = loops.sync_loop(req, target, draft, str(device), emit)
-            elif role == "target":
-                result = loops.amusd_target_loop(req, target, str(device), shared, emit)
-            else:
-                result = loops.amusd_draft_loop(req, draft, str(device), shared, emit)
-            events.send(("done", role, run_id, result))
-    except Exception as exc:  # noqa: BLE001 - every failure is reported, never swallowed
-        events.send(("failed", role, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        while (msg := requests.get()) is not None:
+            result = _serve(spec, msg.request, target, draft, str(device), shared, emit)
+            events.send(Done(spec.role, msg.run_id, result))
+    except Exception as exc:
+        from amusd_viz.engine.messages import Failed
+
+        events.send(Failed(spec.role, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         raise SystemExit(1) from None
+
+
+def _load_models(spec: WorkerSpec, device, shared, events):
+    """Load this worker's model(s), warm them up, and report each as ready."""
+    from amusd_viz.events import WorkerReady
+
+    start = time.perf_counter_ns()
+    target = draft = None
+    # transformers' own generate is the baseline users would otherwise run: stock layers, the
+    # whole prompt fed every time (a pre-filled cache also derails its assisted generation in
+    # transformers 5.24: it repeats tokens)
+    stock = spec.strategy in ("hf-generate", "hf-assisted")
+    preamble = () if stock else spec.preamble
+    if spec.target_src:
+        target = _load(spec.target_src, spec.dtype, device.torch_device, pack=not stock,
+                       preamble=preamble)
+    if spec.draft_src:
+        draft = _load(spec.draft_src, spec.dtype, device.torch_device,
+                      target.tokenizer if target else None, spec.draft_quant,
+                      pack=not stock, preamble=preamble)
+    for runner in (target, draft):
+        if runner is not None and shared is not None:
+            runner.turn = shared.device_turn
+    now = time.perf_counter_ns()
+    for role, runner in (("target", target), ("draft", draft)):
+        if runner is not None:
+            events.send(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=role, device=str(device),
+                                    pid=os.getpid(), load_s=(now - start) / 1e9))
+    return target, draft
+
+
+def _serve(spec: WorkerSpec, req, target, draft, device: str, shared, emit):
+    """One generation request, by this worker's strategy and role."""
+    from amusd_viz.engine import loops
+
+    match spec.strategy, spec.role:
+        case "ar", _:
+            return loops.ar_loop(req, target, device, emit)
+        case ("hf-generate" | "hf-assisted"), _:
+            return loops.hf_loop(req, target, draft, device, emit)
+        case "sync", _:
+            return loops.sync_loop(req, target, draft, device, emit)
+        case "amusd", "target":
+            return loops.amusd_target_loop(req, target, device, shared, emit)
+        case "amusd", "draft":
+            return loops.amusd_draft_loop(req, draft, device, shared, emit)
+    raise ValueError(f"no loop for strategy {spec.strategy!r} as {spec.role}")
 
 
 def _fault_injector(spec: WorkerSpec, put):

@@ -27,7 +27,7 @@ def materialize(resolved: Resolved, log=lambda msg: print(msg, file=sys.stderr))
             resolved.path = Path(snapshot_download(
                 resolved.hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                                  "*.jinja"]))
-        except Exception as exc:  # noqa: BLE001 - gated repos, network, disk
+        except Exception as exc:
             raise UserError(f"cannot download {resolved.hub_id}: {str(exc).splitlines()[0]}. "
                             "Log in with `hf auth login` for gated models, or pass a local "
                             "directory.") from None

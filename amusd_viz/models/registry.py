@@ -14,10 +14,10 @@ import functools
 import importlib.util
 import os
 import socket
-from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 from amusd_viz.errors import UserError
 
@@ -120,7 +120,7 @@ def hf_cached_path(hub_id: str) -> Path | None:
         os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
     try:
         path = Path(snapshot_download(hub_id, local_files_only=True, cache_dir=cache))
-    except Exception:  # noqa: BLE001 - any failure means "not cached"
+    except Exception:
         return None
     if (path / "config.json").is_file() and (any(path.glob("*.safetensors"))
                                              or any(path.glob("*.bin"))):

@@ -5,11 +5,11 @@ from that state. A live run and a replay take exactly this path."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -18,12 +18,21 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, Markdown
 
 from amusd_viz.ui import charts
+from amusd_viz.ui.sources import LiveSource, ReplaySource, Source
 from amusd_viz.ui.state import RunState
-from amusd_viz.ui.widgets import (Chart, Inspector, RunHeader, StatsPanel, Timeline, TokenStream,
-                                  legend)
+from amusd_viz.ui.widgets import (
+    Chart,
+    Inspector,
+    RunHeader,
+    StatsPanel,
+    Timeline,
+    TokenStream,
+    legend,
+)
 
 TICK_S = 1 / 8  # redraw rate of the fast widgets (header, timeline, text)
 SLOW_TICK_S = 1.0  # stats and charts
+MAX_EVENTS_PER_TICK = 5000  # a burst (a replay seek, a fast replay) spreads over a few ticks
 
 
 class QueueSink:
@@ -126,10 +135,11 @@ class AmusdApp(App):
         Binding("greater_than_sign", "speed(2)", show=False),
     ]
 
-    def __init__(self, source, save_dir: Path | None = None) -> None:
+    def __init__(self, source: Source, save_dir: Path | None = None) -> None:
         super().__init__()
         self.source = source
         self.sink = QueueSink()
+        source.attach(self.sink)
         self.state = RunState()
         self.history: list[RunState] = []  # finished runs on the current prompt
         self.cursor: int | None = None
@@ -138,7 +148,6 @@ class AmusdApp(App):
         self._drawn = -1
         self._slow_drawn = -1
         self._last_slow = 0.0
-        self.exit_code = 0
 
     # layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -165,21 +174,20 @@ class AmusdApp(App):
         self.query_one("#stats").border_title = "stats"
         self.query_one("#inspector").border_title = "token inspector"
         self.set_interval(TICK_S, self.tick)
-        self.source.start(self)
+        self.source.start()
         self.tick()
 
     # the event path -------------------------------------------------------------------------
     def tick(self) -> None:
-        self.source.advance(self)
-        if not (self.paused and self.source.can_run):  # a paused replay still takes its steps
+        self.source.advance()
+        if not (self.paused and self.source.can_rerun):  # a paused replay still takes its steps
             drained = 0
-            while self.sink.queue and drained < 5000:
+            while self.sink.queue and drained < MAX_EVENTS_PER_TICK:
                 self._ingest(self.sink.queue.popleft())
                 drained += 1
-        try:
+        # compose makes every widget: only a last tick during shutdown finds one missing
+        with contextlib.suppress(NoMatches):
             self._redraw()
-        except NoMatches:  # compose makes every widget: only a last tick during shutdown lands here
-            pass
 
     def _ingest(self, event) -> None:
         if event.type == "run_started" and self.state.events:
@@ -189,8 +197,16 @@ class AmusdApp(App):
             self.state = RunState()
             self.cursor = None
         self.state.ingest(event)
-        if event.type == "run_finished":
-            self.source.on_finished(self, self.state)
+
+    def show_from(self, events: list) -> None:
+        """Forget what is shown and rebuild it from `events` (a replay's seek)."""
+        self.sink.queue.clear()
+        self.state = RunState()
+        self.history.clear()
+        self.cursor = None
+        for event in events:
+            self._ingest(event)
+        self._redraw(force=True)
 
     def _redraw(self, force: bool = False) -> None:
         state = self.state
@@ -257,31 +273,41 @@ class AmusdApp(App):
     def action_follow(self) -> None:
         self.query_one(Timeline).follow = True
 
+    def _live(self) -> LiveSource | None:
+        if isinstance(self.source, LiveSource):
+            return self.source
+        self.notify("a replay cannot run models", severity="warning")
+        return None
+
+    def _replay(self, what: str) -> ReplaySource | None:
+        if isinstance(self.source, ReplaySource):
+            return self.source
+        self.notify(f"{what} works in replays; space pauses a live display", severity="warning")
+        return None
+
     def action_rerun(self, strategy: str) -> None:
-        if not self.source.can_run:
-            self.notify("a replay cannot run models", severity="warning")
-            return
-        self.source.run(self, strategy=strategy)
+        if live := self._live():
+            live.run(strategy=strategy)
 
     def action_lookahead(self, step: int) -> None:
-        if self.source.can_run:
-            value = self.source.set_lookahead(step)
+        if live := self._live():
+            value = live.change_lookahead(step)
             self.notify(f"lookahead {value} for the next run (press 1/2/3 to run)")
 
     def action_new_prompt(self) -> None:
-        if not self.source.can_run:
-            self.notify("a replay cannot run models", severity="warning")
+        live = self._live()
+        if live is None:
             return
 
         def submitted(text: str | None) -> None:
             if text:
-                self.source.run(self, prompt=text)
+                live.run(prompt=text)
 
         self.push_screen(PromptScreen("New prompt (enter runs it with the current strategy):",
                                       "e.g. Write a binary search in Python"), submitted)
 
     def action_save(self) -> None:
-        from amusd_viz.commands import save_run
+        from amusd_viz.eventlog import save_run
 
         try:
             log_path, trace_path = save_run(self.state.events, self.save_dir, self.state.strategy)
@@ -291,17 +317,18 @@ class AmusdApp(App):
         self.notify(f"saved {log_path.name} and {trace_path.name}")
 
     def action_step(self) -> None:
-        self.source.step(self)
+        if replay := self._replay("step"):
+            replay.step()
 
     def action_seek(self) -> None:
-        if not hasattr(self.source, "seek"):
-            self.notify("seek works in replays", severity="warning")
+        replay = self._replay("seek")
+        if replay is None:
             return
 
         def submitted(text: str | None) -> None:
             if text:
                 try:
-                    self.source.seek(self, text)
+                    self.show_from(replay.seek(text))
                 except ValueError as exc:
                     self.notify(str(exc), severity="error")
 
@@ -309,13 +336,13 @@ class AmusdApp(App):
                          submitted)
 
     def action_speed(self, factor: float) -> None:
-        if hasattr(self.source, "speed"):
-            self.source.speed = min(64.0, max(1 / 16, self.source.speed * factor))
+        if replay := self._replay("speed"):
+            replay.change_speed(factor)
             self._redraw(force=True)
 
     async def action_quit(self) -> None:
         self.source.stop()
-        self.exit(self.exit_code)
+        self.exit()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
@@ -323,7 +350,7 @@ class AmusdApp(App):
         yield SystemCommand("Pause / resume", "Freeze or continue the display", self.action_pause)
         yield SystemCommand("Save run", "Write the event log and a Perfetto trace",
                             self.action_save)
-        if self.source.can_run:
+        if self.source.can_rerun:
             for strategy in ("ar", "sync", "amusd"):
                 yield SystemCommand(f"Re-run with {strategy}", "Same prompt; charts overlay runs",
                                     lambda s=strategy: self.action_rerun(s))
@@ -333,8 +360,3 @@ class AmusdApp(App):
         else:
             yield SystemCommand("Seek", "Jump to a time or a token position", self.action_seek)
             yield SystemCommand("Step", "Play up to the next token", self.action_step)
-
-    # thread worker for live runs --------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="run")
-    def run_in_thread(self, job) -> None:
-        job()

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from amusd_viz.config import RunConfig
 
-def run_live(args, prompt: str, target_device: str, draft_device: str | None) -> int:
-    from amusd_viz.cli import resolve_devices
+
+def run_live(cfg: RunConfig) -> int:
     from amusd_viz.engine.run import prepare
     from amusd_viz.ui.app import AmusdApp
-    from amusd_viz.ui.sources import LiveSource
+    from amusd_viz.ui.sources import LiveSource, lower_ui_priority
 
     # Resolve, check and (first time only) convert the models before the screen switches, so a
     # user mistake is one line on the terminal and the one-time conversion shows its progress.
-    prepared = prepare(args.strategy, args.draft, args.target, target_device, draft_device,
-                       args.dtype)
-    source = LiveSource(prepared, args, prompt, lambda strategy: resolve_devices(args, strategy))
+    prepared = prepare(cfg)
+    source = LiveSource(prepared, cfg)  # its launcher thread keeps the normal priority
+    lower_ui_priority()
     app = AmusdApp(source, save_dir=Path.cwd())
     try:
         app.run()

@@ -1,89 +1,146 @@
 """Where the app's events come from: a live engine, or a recorded log played back in time.
-Both put events on the app's queue; the app cannot tell them apart."""
+
+Both are `Source`s: they put events on the sink the app gives them, and declare what they can do
+(`can_rerun`, `can_seek`) instead of the app probing for methods. A source never touches the
+app's state: a replay's seek hands back the events to show, and the app rebuilds from them.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import os
+import queue
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
+from amusd_viz.config import MAX_LOOKAHEAD, RunConfig
 from amusd_viz.errors import RunFailed, UserError
-from amusd_viz.events import Error
+from amusd_viz.events import Error, EventSink
+
+Job = Callable[[], None]
+UI_NICENESS = 10  # the UI yields the cores to the workers (docs/architecture.md, "Sources")
+MIN_SPEED, MAX_SPEED = 1 / 16, 64.0  # replay speed limits for `<` and `>`
+REPLAY_LEAD_IN_S = 0.3  # a replay starts this long before the first forward pass
+
+
+class Source:
+    """The contract between the app and whatever feeds it events."""
+
+    can_rerun: ClassVar[bool] = False  # runs models: re-run, new prompt, lookahead
+    can_seek: ClassVar[bool] = False  # plays a recording: step, seek, speed
+
+    def __init__(self) -> None:
+        self.sink: EventSink | None = None
+        self.exit_code = 0
+
+    def attach(self, sink: EventSink) -> None:
+        """`sink` takes the events; any thread may call it."""
+        self.sink = sink
+
+    def emit(self, event) -> None:
+        assert self.sink is not None, "attach() the source first"
+        self.sink.emit(event)
+
+    def start(self) -> None:
+        """Begin feeding events."""
+
+    def advance(self) -> None:
+        """Called on every tick of the app's timer."""
+
+    def set_paused(self, paused: bool) -> bool:
+        return paused
+
+    def status_suffix(self) -> str:
+        return ""
+
+    def stop(self) -> None:
+        """End whatever runs; safe to call more than once."""
 
 
 class _RunSink:
     """Forwards one run's events; drops stragglers once a newer run has replaced it."""
 
-    def __init__(self, source: "LiveSource", run_no: int, sink) -> None:
-        self.source, self.run_no, self.sink = source, run_no, sink
+    def __init__(self, source: LiveSource, run_no: int) -> None:
+        self.source, self.run_no = source, run_no
 
     def emit(self, event) -> None:
         if self.source.run_no == self.run_no:
-            self.sink.emit(event)
+            self.source.emit(event)
 
 
-class LiveSource:
-    """Runs real models: each run is an engine in a thread worker, started by the app."""
+class LiveSource(Source):
+    """Runs real models: each run is an engine driven from the source's own launcher thread.
 
-    can_run = True
+    The launcher thread exists before the UI lowers its own priority (`lower_ui_priority`): on
+    Linux a thread's nice value is inherited by the threads and processes it starts, so the
+    workers it spawns keep the normal priority while the UI yields the cores to them.
+    """
 
-    def __init__(self, prepared, args, prompt: str, devices_for) -> None:
+    can_rerun = True
+
+    def __init__(self, prepared, cfg: RunConfig) -> None:
+        super().__init__()
         # multiprocessing starts its resource tracker with a copy of stderr; inside Textual stderr
         # is a capture object without a file descriptor, so start it now, before the app runs.
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()
         self.prepared = prepared
-        self.args = args
-        self.prompt = prompt
-        self.strategy = args.strategy
-        self.lookahead = args.lookahead
-        self.devices_for = devices_for  # strategy -> (target_device, draft_device)
+        self.cfg = cfg
         self.engine = None
         self.run_no = 0
-        self.exit_code = 0
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._launcher = threading.Thread(target=self._serve_jobs, name="amusd-viz-runs",
+                                          daemon=True)
+        self._launcher.start()
 
-    def start(self, app) -> None:
-        self.run(app)
+    def _serve_jobs(self) -> None:
+        """One run at a time, in order: a cancelled run ends before the next one starts."""
+        while (job := self._jobs.get()) is not None:
+            job()
 
-    def run(self, app, strategy: str | None = None, prompt: str | None = None) -> None:
+    def start(self) -> None:
+        self.run()
+
+    def run(self, strategy: str | None = None, prompt: str | None = None) -> None:
+        """Start a run (stopping the one under way): another strategy and/or prompt."""
+        from amusd_viz.engine.devices import resolve_run
+
         self.stop()
-        self.strategy = strategy or self.strategy
-        self.prompt = prompt or self.prompt
+        update: dict = {"prompt": prompt} if prompt else {}
+        cfg = self.cfg.model_copy(update=update)
+        if strategy and strategy != cfg.strategy:
+            cfg = resolve_run(cfg.with_strategy(strategy))
+        self.cfg = cfg
         self.run_no += 1
-        target_device, draft_device = self.devices_for(self.strategy)
-        prepared = dataclasses.replace(self.prepared, strategy=self.strategy,
-                                       target_device=target_device, draft_device=draft_device)
-        run_no, prompt_now, lookahead = self.run_no, self.prompt, self.lookahead
-        app.run_in_thread(lambda: self._job(app, prepared, run_no, prompt_now, lookahead))
+        run_no = self.run_no
+        self._jobs.put(lambda: self._job(cfg, run_no))
 
     def _events_path(self, run_no: int) -> Path | None:
-        path = self.args.events
+        path = self.cfg.events
         if path is None or run_no == 1:
             return path
         return path.with_name(f"{path.stem}.run{run_no}{path.suffix}")
 
-    def _job(self, app, prepared, run_no: int, prompt: str, lookahead: int) -> None:
-        from amusd_viz.cli import engine_extra, log_config
+    def _job(self, cfg: RunConfig, run_no: int) -> None:
         from amusd_viz.engine.run import execute
         from amusd_viz.engine.session import RunCancelled
         from amusd_viz.eventlog import JsonlRecorder, make_header
         from amusd_viz.events import FanOut
 
-        sink = _RunSink(self, run_no, app.sink)
+        sink = _RunSink(self, run_no)
         recorder = None
         try:
             path = self._events_path(run_no)
             if path is not None:
-                cfg = log_config(self.args, prompt, prepared.target_device, prepared.draft_device)
-                cfg.update(strategy=prepared.strategy, lookahead=lookahead)
-                recorder = JsonlRecorder(path, make_header(cfg))
-            summary = execute(prepared, FanOut(sink, recorder), prompt, self.args.max_new_tokens,
-                              lookahead, engine_extra=engine_extra(self.args, prepared.draft_device),
+                recorder = JsonlRecorder(path, make_header(cfg.log_config()))
+            sinks = [sink] if recorder is None else [sink, recorder]
+            summary = execute(self.prepared, cfg, FanOut(*sinks),
                               on_engine=self._set_engine)
-            if self.args.summary_json and self.run_no == run_no:
-                self.args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+            if cfg.summary_json and self.run_no == run_no:
+                cfg.summary_json.write_text(summary.to_json() + "\n", encoding="utf-8")
             self.exit_code = 0
         except RunCancelled:
             pass
@@ -92,7 +149,7 @@ class LiveSource:
         except UserError as exc:
             self.exit_code = 1
             sink.emit(Error(t=0.0, message=str(exc)))
-        except Exception as exc:  # noqa: BLE001 - shown in the app, never a silent hang
+        except Exception as exc:
             self.exit_code = 1
             sink.emit(Error(t=0.0, message=f"{type(exc).__name__}: {exc}"))
         finally:
@@ -107,79 +164,77 @@ class LiveSource:
             self.engine.cancel()
             self.engine = None
 
-    def set_lookahead(self, step: int) -> int:
-        self.lookahead = max(1, min(32, self.lookahead + step))
-        return self.lookahead
-
-    # hooks the app calls on every source
-    def advance(self, app) -> None:
-        pass
-
-    def set_paused(self, paused: bool) -> bool:
-        return paused
-
-    def step(self, app) -> None:
-        app.notify("step works in replays; space pauses a live display", severity="warning")
-
-    def status_suffix(self) -> str:
-        return ""
-
-    def on_finished(self, app, state) -> None:
-        pass
+    def change_lookahead(self, step: int) -> int:
+        """For the next run; returns the new value."""
+        value = max(1, min(MAX_LOOKAHEAD, self.cfg.lookahead + step))
+        self.cfg = self.cfg.model_copy(update={"lookahead": value})
+        return value
 
 
-class ReplaySource:
+class ReplaySource(Source):
     """Plays a recorded log: a clock advances with real time × speed and releases the events
     whose time has come. Loading time is skipped: playback starts at the first forward pass."""
 
-    can_run = False
+    can_seek = True
+    _AT_START = ("run_started", "worker_ready")  # shown at once, whatever their time
 
     def __init__(self, events: list, speed: float = 1.0, name: str = "") -> None:
+        super().__init__()
         self.events = events
         self.speed = speed
         self.name = name
         self.i = 0
         self.paused = False
         first = next((e.t for e in events if e.type == "forward"), 0.0)
-        self.start_t = max(0.0, first - 0.3)
+        self.start_t = max(0.0, first - REPLAY_LEAD_IN_S)
         self.clock = self.start_t
         self.end_t = max((e.t + getattr(e, "dur", 0.0) for e in events), default=0.0)
         self._last = time.monotonic()
 
-    def start(self, app) -> None:
+    def start(self) -> None:
         self._last = time.monotonic()
-        self._release(app, lambda e: e.t <= self.clock or e.type in ("run_started", "worker_ready"))
+        self._release(lambda e: e.t <= self.clock or e.type in self._AT_START)
 
-    def _release(self, app, due) -> None:
+    def _release(self, due) -> None:
         while self.i < len(self.events) and due(self.events[self.i]):
-            app.sink.emit(self.events[self.i])
+            self.emit(self.events[self.i])
             self.i += 1
 
-    def advance(self, app) -> None:
+    def advance(self) -> None:
         now = time.monotonic()
         if not self.paused:
             self.clock = min(self.end_t, self.clock + (now - self._last) * self.speed)
-            self._release(app, lambda e: e.t <= self.clock)
+            self._release(lambda e: e.t <= self.clock)
         self._last = now
 
     def set_paused(self, paused: bool) -> bool:
         self.paused = paused
         return paused
 
-    def step(self, app) -> None:
+    def step(self) -> None:
         """Play up to and including the next committed token, then hold."""
         self.paused = True
         while self.i < len(self.events):
             event = self.events[self.i]
-            app.sink.emit(event)
+            self.emit(event)
             self.i += 1
             self.clock = max(self.clock, event.t)
             if event.type == "token_committed":
                 break
 
-    def seek(self, app, target: str) -> None:
-        """`3.5` seeks to 3.5 s after playback's start; `#42` to just after token 42's commit."""
-        target = target.strip()
+    def change_speed(self, factor: float) -> float:
+        self.speed = min(MAX_SPEED, max(MIN_SPEED, self.speed * factor))
+        return self.speed
+
+    def seek(self, target: str) -> list:
+        """`3.5` seeks to 3.5 s after playback's start; `#42` to just after token 42's commit.
+        Returns every event up to there: the app rebuilds its view from them."""
+        stop = self._seek_index(target.strip())
+        self.i = stop
+        self.clock = max([self.start_t] + [e.t for e in self.events[:stop]])
+        return self.events[:stop]
+
+    def _seek_index(self, target: str) -> int:
         if target.startswith("#"):
             try:
                 pos = int(target[1:])
@@ -189,23 +244,13 @@ class ReplaySource:
                          if e.type == "token_committed" and e.pos == pos), None)
             if stop is None:
                 raise ValueError(f"no token #{pos} in this log")
-        else:
-            try:
-                when = self.start_t + float(target.rstrip("s"))
-            except ValueError:
-                raise ValueError(f"not a time or #position: {target!r}") from None
-            stop = next((i for i, e in enumerate(self.events)
-                         if e.t > when and e.type not in ("run_started", "worker_ready")),
-                        len(self.events))
-        from amusd_viz.ui.state import RunState
-
-        app.sink.queue.clear()
-        app.state = RunState()
-        app.history.clear()
-        for event in self.events[:stop]:
-            app.sink.emit(event)
-        self.i = stop
-        self.clock = max([self.start_t] + [e.t for e in self.events[:stop]])
+            return stop
+        try:
+            when = self.start_t + float(target.rstrip("s"))
+        except ValueError:
+            raise ValueError(f"not a time or #position: {target!r}") from None
+        return next((i for i, e in enumerate(self.events)
+                     if e.t > when and e.type not in self._AT_START), len(self.events))
 
     def status_suffix(self) -> str:
         state = "paused" if self.paused else "replay"
@@ -213,8 +258,11 @@ class ReplaySource:
         return (f"{state} ×{self.speed:g} {self.clock - self.start_t:.1f}/"
                 f"{self.end_t - self.start_t:.1f} s{done}")
 
-    def stop(self) -> None:
-        pass
 
-    def on_finished(self, app, state) -> None:
+def lower_ui_priority() -> None:
+    """Lower the calling thread's priority (the UI's, on Linux where nice is per thread), so
+    drawing never takes a core from a worker; threads it starts later inherit it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UI_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: drawing just competes
         pass

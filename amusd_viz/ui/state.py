@@ -7,6 +7,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from amusd_viz import stats
+from amusd_viz.events import DraftProposed
 
 
 @dataclass
@@ -69,8 +70,8 @@ class RunState:
     lanes: dict[str, Lane] = field(default_factory=dict)  # role -> lane
     tokens: list[Token] = field(default_factory=list)
     rejected: dict[int, tuple[int, str]] = field(default_factory=dict)  # pos -> (id, text)
-    proposals: dict[int, object] = field(default_factory=dict)  # pos -> latest DraftProposed
-    judged: dict[int, object] = field(default_factory=dict)  # pos -> the proposal the target judged
+    proposals: dict[int, DraftProposed] = field(default_factory=dict)  # pos -> latest proposal
+    judged: dict[int, DraftProposed] = field(default_factory=dict)  # pos -> the proposal the target judged
     drafts: dict[int, str] = field(default_factory=dict)  # the draft's live sequence beyond commits
     rollbacks: list[tuple[float, int, int]] = field(default_factory=list)  # (t, to_pos, n)
     accepted_per_pass: list[int] = field(default_factory=list)

@@ -29,6 +29,13 @@ PHASE_STYLE = {
     "verify": ("█", "green"),
     "decode": ("█", "cyan"),
 }
+LANE_LABEL_WIDTH = 16  # "target cpu:0    " before each lane's bar
+TICK_EVERY_CELLS = 16  # one time label on the axis every this many cells
+MIN_TIMELINE_CELLS = 10
+MIN_SECONDS_PER_CELL, MAX_SECONDS_PER_CELL = 0.002, 5.0  # zoom limits
+FOLLOW_AT = 0.95  # while following, "now" sits this far across the window
+INSPECTOR_TOP_K = 5  # candidates shown per model (the events carry the top-5)
+BAR_CELLS = 6  # width of a probability bar in the inspector
 STATUS_STYLE = {"loading": "yellow", "generating": "bold green", "done": "bold blue",
                 "error": "bold red", "paused": "bold yellow"}
 
@@ -86,23 +93,30 @@ class Timeline(Widget):
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.state = RunState()
+        self._shown: tuple[int, int] = (-1, -1)
 
     def show(self, state: RunState) -> None:
-        self.state = state
-        self.refresh()
+        """Redraw only when the run moved on (zoom and scroll refresh through their reactives):
+        an unchanged frame costs nothing."""
+        key = (id(state), state.version)
+        if key != self._shown:
+            self._shown = key
+            self.state = state
+            self.refresh()
 
     def window(self) -> tuple[float, float]:
-        width = max(10, self.size.width - 16)
+        width = max(MIN_TIMELINE_CELLS, self.size.width - LANE_LABEL_WIDTH)
         span = width * self.seconds_per_cell
         if self.follow:
-            start = max(0.0, self.state.now - span * 0.95)
+            start = max(0.0, self.state.now - span * FOLLOW_AT)
         else:
             start = self.offset_s
         return start, start + span
 
     def zoom(self, factor: float) -> None:
         start, end = self.window()
-        self.seconds_per_cell = min(5.0, max(0.002, self.seconds_per_cell * factor))
+        self.seconds_per_cell = min(MAX_SECONDS_PER_CELL,
+                                    max(MIN_SECONDS_PER_CELL, self.seconds_per_cell * factor))
         if not self.follow:
             middle = (start + end) / 2
             self.offset_s = max(0.0, middle - (end - start) * factor / 2)
@@ -113,7 +127,7 @@ class Timeline(Widget):
         self.offset_s = max(0.0, start + (end - start) * fraction)
 
     def render(self):
-        width = max(10, self.size.width - 16)
+        width = max(MIN_TIMELINE_CELLS, self.size.width - LANE_LABEL_WIDTH)
         t0, t1 = self.window()
         cell = (t1 - t0) / width
         rows: list[Text] = []
@@ -142,10 +156,11 @@ class Timeline(Widget):
                     if t0 <= t <= t1:
                         marks[min(width - 1, int((t - t0) / cell))] = "✕"
                 rows.append(Text(" rollback       ▕" + "".join(marks), "red"))
-        axis = Text(" " * 16 + "▕")
-        ticks = max(1, width // 16)
+        axis = Text(" " * LANE_LABEL_WIDTH + "▕")
+        ticks = max(1, width // TICK_EVERY_CELLS)
         for k in range(ticks):
-            axis.append(f"{t0 + k * 16 * cell:<16.2f}"[:16], "grey50")
+            label = f"{t0 + k * TICK_EVERY_CELLS * cell:.2f}"
+            axis.append(label.ljust(TICK_EVERY_CELLS)[:TICK_EVERY_CELLS], "grey50")
         rows.append(axis)
         mode = "following" if self.follow else "paused view"
         rows.append(Text(f" {mode} · {1000 * cell:.0f} ms/cell · +/- zoom · {{ }} scroll · "
@@ -229,16 +244,16 @@ class Inspector(Static):
         table.add_column()
         table.add_column()
         table.add_row(Text("draft top-5", "bold"), Text("target top-5", "bold"))
-        for i in range(5):
+        for i in range(INSPECTOR_TOP_K):
             table.add_row(_bar(draft_top[i]) if i < len(draft_top) else
                           Text("(no proposal)" if i == 0 else "", "grey50"),
                           _bar(tok.top[i]) if i < len(tok.top) else Text(""))
         self.update(Group(head, table))
 
 
-def _bar(candidate, width: int = 6) -> Text:
+def _bar(candidate, width: int = BAR_CELLS) -> Text:
     text, p = candidate.text, candidate.p
-    filled = int(round(p * width))
+    filled = round(p * width)
     line = Text(f"{text!r:<12.12}")
     line.append("█" * filled + "·" * (width - filled), "green")
     line.append(f"{p:6.1%}")

@@ -1,0 +1,116 @@
+"""The benchmark's report: rich tables on the terminal, the JSON file, and the tokens-against-time
+figure (matplotlib, an optional extra). No torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from amusd_viz.errors import UserError
+
+NEAR_TIES_SHOWN = 5  # the report lists this many near-ties; the JSON has them all
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _speedup(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def summary_table(summary: dict, title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+    for header, justify in (("strategy", "left"), ("ms/token", "right"), ("min-max", "right"),
+                            ("vs ar", "right"), ("vs sync", "right"), ("acc/pass", "right"),
+                            ("accept", "right"), ("busy", "left")):
+        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    for name, row in summary.items():
+        busy = " ".join(f"{d.split('@')[0][0]}{100 * v:.0f}%" for d, v in row["busy"].items())
+        acc = row["mean_accepted_per_pass"]
+        table.add_row(name, f"{row['median_ms_per_token']:.1f}",
+                      f"{row['min_ms_per_token']:.0f}-{row['max_ms_per_token']:.0f}",
+                      _speedup(row["speedup_vs_ar"]), _speedup(row["speedup_vs_sync"]),
+                      "-" if acc is None else f"{acc:.2f}", _pct(row["acceptance_rate"]),
+                      busy or "-")
+    return table
+
+
+def terminal_chart(summary: dict) -> str:
+    import plotext as plt
+
+    names = list(summary)
+    plt.clear_figure()
+    plt.simple_bar(names, [summary[n]["median_ms_per_token"] for n in names], width=70,
+                   title="median ms per token (lower is better)")
+    return plt.build()
+
+
+def print_report(report: dict, console: Console | None = None) -> list[dict]:
+    """Print the tables (by kind only where there is more than one kind), the lossless verdicts
+    and a bar chart; returns the verdicts that DIFFER (a bug)."""
+    console = console or Console(soft_wrap=True)
+    console.print(summary_table(report["summary"], "all prompts"))
+    if len(report["by_kind"]) > 1:
+        for kind, block in report["by_kind"].items():
+            console.print()
+            console.print(summary_table(block, kind))
+    verdicts = report["lossless"]
+    bad = [v for v in verdicts if v["verdict"] == "differs"]
+    near = [v for v in verdicts if v["verdict"] == "near-tie"]
+    same = [v for v in verdicts if v["verdict"] == "identical"]
+    dtype = report["settings"]["dtype"]
+    console.print(f"\nlossless vs ar: {len(same)} identical, {len(near)} parted at a numeric "
+                  f"near-tie ({dtype}), {len(bad)} DIFFER", highlight=False)
+    for v in near[:NEAR_TIES_SHOWN]:
+        console.print(f"  near-tie: {v['strategy']} on {v['prompt']} at token "
+                      f"{v['first_difference']} (target's top-2 logit gap {v['top2_logit_gap']})",
+                      highlight=False)
+    for v in bad:
+        print(f"  DIFFERS (a bug): {v['strategy']} on {v['prompt']} at token "
+              f"{v['first_difference']} (top-2 logit gap {v['top2_logit_gap']})", file=sys.stderr)
+    if report["summary"]:
+        console.print("\n" + terminal_chart(report["summary"]), highlight=False, markup=False)
+    return bad
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'amusd-viz[plot]' (or pip install "
+                        "matplotlib), or leave out --plot.") from None
+
+
+def write_plot(path: Path, curves: dict[str, list[float]], title: str) -> None:
+    """Cumulative tokens against time, one line per strategy: the paper's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    for name, curve in curves.items():
+        ax.plot(curve, range(1, len(curve) + 1), label=name, linewidth=1.8)
+    ax.set_xlabel("seconds since the prompt went in")
+    ax.set_ylabel("tokens committed")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, json_out: Path | None, plot: Path | None,
+                  curves: dict[str, list[float]], first_prompt: str) -> None:
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {json_out}", file=sys.stderr)
+    if plot and curves:
+        write_plot(plot, curves, f"tokens against time, prompt {first_prompt}")
+        print(f"wrote {plot}", file=sys.stderr)

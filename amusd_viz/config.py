@@ -1,0 +1,107 @@
+"""The typed run configuration: everything that defines one run, built once by the CLI (or a
+test) and handed to the live source, the benchmark and the engine. Imports no torch, transformers
+or textual (docs/architecture.md, "Layers").
+
+A `RunConfig` holds both what the user asked for (`*_option`: `None` means "the default for this
+strategy") and what that resolved to on this machine (`target_device`, `draft_device`,
+`draft_quant`); `amusd_viz.engine.devices.resolve_run` fills in the second from the first, so a
+re-run with another strategy can resolve again from the same request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from amusd_viz.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
+
+Strategy = Literal["amusd", "sync", "ar"]
+# What a worker can run: the user's strategies and transformers' own generate as baselines.
+EngineStrategy = Literal["ar", "sync", "amusd", "hf-generate", "hf-assisted"]
+Dtype = Literal["bfloat16", "float16", "float32"]
+QuantChoice = Literal["auto", "none", "int8"]
+DraftQuant = Literal["none", "int8"]
+Role = Literal["draft", "target"]
+
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+ENGINE_STRATEGIES: tuple[str, ...] = get_args(EngineStrategy)
+DTYPES: tuple[str, ...] = get_args(Dtype)
+QUANT_CHOICES: tuple[str, ...] = get_args(QuantChoice)
+
+DEFAULT_PROMPT = ("Write a Python function that returns the n-th Fibonacci number iteratively, "
+                  "with a docstring and type hints.")
+DEFAULT_MAX_NEW = 128
+DEFAULT_BENCH_MAX_NEW = 64
+DEFAULT_LOOKAHEAD = 8
+MAX_LOOKAHEAD = 32  # the TUI's `]` stops here: a verify pass of more tokens is no longer cheap
+DEFAULT_STALL_TIMEOUT = 300.0
+
+
+def draft_runs_with_target(strategy: str) -> bool:
+    """One-process strategies load the draft beside the target, on the target's device."""
+    return strategy in ("sync", "hf-assisted")
+
+
+class RunConfig(BaseModel):
+    """One run: models, devices, dtype, generation settings, outputs (and test-only faults)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    strategy: Strategy = "amusd"
+    draft: str = DEFAULT_DRAFT
+    target: str = DEFAULT_TARGET
+    prompt: str = DEFAULT_PROMPT
+    dtype: Dtype = "bfloat16"
+    lookahead: int = Field(DEFAULT_LOOKAHEAD, ge=1)
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW, ge=1)
+    stall_timeout: float = Field(DEFAULT_STALL_TIMEOUT, gt=0)
+    preamble_cache: bool = True  # feed the chat template's fixed head once, at load time
+    wait_steps: float = Field(0.0, ge=0)  # amusd, experimental (docs/protocol.md, "Pace")
+    # What the user asked for; None: the default for the strategy on this machine.
+    target_device_option: str | None = None
+    draft_device_option: str | None = None
+    draft_quant_option: QuantChoice = "auto"
+    # What that resolved to (engine.devices.resolve_run).
+    target_device: str = ""
+    draft_device: str | None = None  # None for `ar`
+    draft_quant: DraftQuant = "none"
+    # Outputs.
+    events: Path | None = None
+    summary_json: Path | None = None
+    # Tests only: role -> fault spec ("die_after:N" exits that worker after N forward passes).
+    faults: dict[Role, str] = Field(default_factory=dict)
+
+    @property
+    def resolved(self) -> bool:
+        return bool(self.target_device)
+
+    @property
+    def uses_draft(self) -> bool:
+        return self.strategy != "ar"
+
+    def with_strategy(self, strategy: str) -> RunConfig:
+        """The same request for another strategy, devices not resolved yet."""
+        return self.model_copy(update={"strategy": strategy, "target_device": "",
+                                       "draft_device": None})
+
+    def log_config(self) -> dict:
+        """What the log header records: every setting, paths as strings, no faults."""
+        return self.model_dump(mode="json", exclude={"faults"})
+
+
+class BenchConfig(BaseModel):
+    """`amusd-viz bench`: the run settings every strategy shares, and what to run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run: RunConfig
+    prompts: Path | None = None  # None: the bundled prompt set
+    strategies: tuple[str, ...] = ("ar", "ar-1dev", "sync", "sync-1dev", "amusd", "hf-assisted")
+    lookaheads: tuple[int, ...] = (DEFAULT_LOOKAHEAD,)
+    repeats: int = Field(1, ge=1)
+    limit: int | None = None
+    kinds: tuple[str, ...] = ()
+    json_out: Path | None = None
+    plot: Path | None = None

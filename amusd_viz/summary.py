@@ -1,0 +1,71 @@
+"""The run summary (the JSON that `--headless` prints and `--summary-json` writes). It embeds the
+run's statistics, so ms/token, acceptance and the rest are computed in one place (stats.py).
+No torch, no textual."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, computed_field
+
+from amusd_viz.stats import RunStats
+
+
+def lossless_note(dtype: str) -> str | None:
+    if dtype == "float32":
+        return None
+    return (f"{dtype}: exact greedy equality with the target alone holds up to numeric near-ties "
+            "(one- and multi-token passes round differently); use --dtype float32 for bit-exact "
+            "comparisons")
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+class RunSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    strategy: str
+    draft: str | None
+    target: str
+    draft_device: str | None
+    target_device: str
+    dtype: str
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str
+    stop_reason: str
+    draft_lost: bool = False
+    stats: RunStats
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def wall_s(self) -> float | None:
+        return round(self.stats.wall_s, 4) if self.stop_reason != "failed" else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ms_per_token(self) -> float | None:
+        return _round(self.stats.ms_per_token, 2) if self.token_ids else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def mean_accepted_per_pass(self) -> float | None:
+        return self.stats.mean_accepted_per_pass
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.stats.acceptance_rate
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def lossless_note(self) -> str | None:
+        return lossless_note(self.dtype)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
