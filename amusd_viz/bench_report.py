@@ -27,7 +27,7 @@ def summary_table(summary: dict, title: str | None = None) -> Table:
     table = Table(title=title, title_justify="left", box=None, pad_edge=False)
     for header, justify in (("strategy", "left"), ("ms/token", "right"), ("min-max", "right"),
                             ("vs ar", "right"), ("vs sync", "right"), ("acc/pass", "right"),
-                            ("accept", "right"), ("busy", "left")):
+                            ("accept", "right"), ("Σmin(p,q)", "right"), ("busy", "left")):
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for name, row in summary.items():
         busy = " ".join(f"{d.split('@')[0][0]}{100 * v:.0f}%" for d, v in row["busy"].items())
@@ -36,7 +36,7 @@ def summary_table(summary: dict, title: str | None = None) -> Table:
                       f"{row['min_ms_per_token']:.0f}-{row['max_ms_per_token']:.0f}",
                       _speedup(row["speedup_vs_ar"]), _speedup(row["speedup_vs_sync"]),
                       "-" if acc is None else f"{acc:.2f}", _pct(row["acceptance_rate"]),
-                      busy or "-")
+                      _pct(row.get("expected_acceptance")), busy or "-")
     return table
 
 
@@ -63,9 +63,15 @@ def print_report(report: dict, console: Console | None = None) -> list[dict]:
     bad = [v for v in verdicts if v["verdict"] == "differs"]
     near = [v for v in verdicts if v["verdict"] == "near-tie"]
     same = [v for v in verdicts if v["verdict"] == "identical"]
-    dtype = report["settings"]["dtype"]
-    console.print(f"\nlossless vs ar: {len(same)} identical, {len(near)} parted at a numeric "
-                  f"near-tie ({dtype}), {len(bad)} DIFFER", highlight=False)
+    parted = [v for v in verdicts if v["verdict"] == "parted"]
+    settings = report["settings"]
+    dtype, rule = settings["dtype"], settings.get("acceptance", "greedy")
+    if rule == "rejection":
+        console.print("\nlossless: the rejection rule promises the target's distribution, not "
+                      "ar's text; tests/test_sampling.py checks that distribution", highlight=False)
+    console.print(f"\nlossless vs ar ({rule}): {len(same)} identical, {len(near)} parted at a "
+                  f"numeric near-tie ({dtype}), {len(parted)} parted in a sampled {dtype} run, "
+                  f"{len(bad)} DIFFER", highlight=False)
     for v in near[:NEAR_TIES_SHOWN]:
         console.print(f"  near-tie: {v['strategy']} on {v['prompt']} at token "
                       f"{v['first_difference']} (target's top-2 logit gap {v['top2_logit_gap']})",

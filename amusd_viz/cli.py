@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import secrets
 import signal
 import sys
 from pathlib import Path
 
 from amusd_viz import __version__
 from amusd_viz.config import (
+    ACCEPTANCE_RULES,
     DEFAULT_BENCH_MAX_NEW,
     DEFAULT_LOOKAHEAD,
     DEFAULT_MAX_NEW,
@@ -56,6 +58,46 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2^63 - 1, got {value}")
     return value
 
 
@@ -110,6 +152,25 @@ def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> N
                                      f"seconds (default: {DEFAULT_STALL_TIMEOUT:g})")
 
 
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (docs/protocol.md, \"Sampling\")")
+    g.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
+                   help="0 decodes greedily (the default); above 0, tokens are sampled and the "
+                        "output is distributed exactly like the target's own sampling")
+    g.add_argument("--top-p", type=probability, default=1.0, metavar="P",
+                   help="keep the smallest set of tokens whose probability reaches P "
+                        "(default: 1, off)")
+    g.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
+                   help="keep the K likeliest tokens (default: 0, off)")
+    g.add_argument("--seed", type=seed_value, metavar="S",
+                   help="the sampling seed (default: a fresh random one, recorded in the log "
+                        "and the summary so the run can be repeated)")
+    g.add_argument("--acceptance", choices=ACCEPTANCE_RULES, metavar="RULE",
+                   help="with --temperature > 0: coupled (the default: the same seed gives the "
+                        "same text in ar, sync and amusd) or rejection (the standard "
+                        "speculative sampling rule)")
+
+
 def build_run_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="amusd-viz",
@@ -128,6 +189,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"amusd-viz {__version__}")
     add_model_options(p)
     add_generation_options(p)
+    add_sampling_options(p)
     g = p.add_argument_group("output")
     g.add_argument("--headless", action="store_true",
                    help="no TUI: generate and print the run summary as JSON on stdout")
@@ -178,6 +240,7 @@ def _bench_parser() -> argparse.ArgumentParser:
                             "compare their speed, acceptance and losslessness.")
     add_model_options(p)
     add_generation_options(p, bench=True)
+    add_sampling_options(p)
     g = p.add_argument_group("benchmark")
     g.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
                    help='prompts, one {"id": ..., "prompt": ...} a line (default: the bundled '
@@ -287,9 +350,20 @@ def _check_writable(path: Path | None, option: str) -> None:
                         "choose another path.")
 
 
+def _sampling_settings(args) -> dict:
+    if args.acceptance is not None and args.temperature == 0:
+        raise UserError(f"--acceptance {args.acceptance} needs --temperature above 0 (greedy "
+                        "decoding has no acceptance rule). Add --temperature T or drop "
+                        "--acceptance.")
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "seed": seed, "acceptance": args.acceptance}
+
+
 def _model_settings(args) -> dict:
     """The options that run and bench share, as RunConfig fields."""
-    return {"draft": args.draft, "target": args.target, "dtype": args.dtype,
+    return {**_sampling_settings(args), "draft": args.draft, "target": args.target,
+            "dtype": args.dtype,
             "max_new_tokens": args.max_new_tokens, "stall_timeout": args.stall_timeout,
             "target_device_option": args.target_device, "draft_device_option": args.draft_device,
             "draft_quant_option": args.draft_quant}

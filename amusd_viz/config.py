@@ -10,6 +10,7 @@ re-run with another strategy can resolve again from the same request.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -24,11 +25,13 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 QuantChoice = Literal["auto", "none", "int8"]
 DraftQuant = Literal["none", "int8"]
 Role = Literal["draft", "target"]
+Acceptance = Literal["coupled", "rejection"]
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 ENGINE_STRATEGIES: tuple[str, ...] = get_args(EngineStrategy)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 QUANT_CHOICES: tuple[str, ...] = get_args(QuantChoice)
+ACCEPTANCE_RULES: tuple[str, ...] = get_args(Acceptance)
 
 DEFAULT_PROMPT = ("Write a Python function that returns the n-th Fibonacci number iteratively, "
                   "with a docstring and type hints.")
@@ -37,6 +40,25 @@ DEFAULT_BENCH_MAX_NEW = 64
 DEFAULT_LOOKAHEAD = 8
 MAX_LOOKAHEAD = 32  # the TUI's `]` stops here: a verify pass of more tokens is no longer cheap
 DEFAULT_STALL_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are chosen (engine/sampling.py): greedy at temperature 0, else a seeded sample
+    verified by the coupled or the rejection rule."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    seed: int = 0
+    acceptance: str = "greedy"  # greedy | coupled | rejection
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingParams()
 
 
 def draft_runs_with_target(strategy: str) -> bool:
@@ -59,6 +81,12 @@ class RunConfig(BaseModel):
     stall_timeout: float = Field(DEFAULT_STALL_TIMEOUT, gt=0)
     preamble_cache: bool = True  # feed the chat template's fixed head once, at load time
     wait_steps: float = Field(0.0, ge=0)  # amusd, experimental (docs/protocol.md, "Pace")
+    # Sampling (docs/protocol.md, "Sampling"); temperature 0 is greedy.
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int = 0  # the CLI draws a fresh one when none is given, and records it
+    acceptance: Acceptance | None = None  # None: coupled when sampling
     # What the user asked for; None: the default for the strategy on this machine.
     target_device_option: str | None = None
     draft_device_option: str | None = None
@@ -80,6 +108,16 @@ class RunConfig(BaseModel):
     @property
     def uses_draft(self) -> bool:
         return self.strategy != "ar"
+
+    @property
+    def acceptance_rule(self) -> str:
+        """greedy at temperature 0; else the chosen rule, coupled by default."""
+        return "greedy" if self.temperature == 0 else self.acceptance or "coupled"
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed,
+                              self.acceptance_rule)
 
     def with_strategy(self, strategy: str) -> RunConfig:
         """The same request for another strategy, devices not resolved yet."""

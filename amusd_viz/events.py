@@ -10,11 +10,13 @@ from typing import Annotated, Literal, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-SCHEMA_VERSION = 1
+# 2: sampling (run_started's settings, draft_proposed.q, verify_result's checks, `resampled`).
+# Version 1 logs still read: every new field has a default.
+SCHEMA_VERSION = 2
 
 Role = Literal["draft", "target"]
 Phase = Literal["prefill", "draft", "verify", "decode"]
-How = Literal["accepted", "correction", "bonus", "decoded"]
+How = Literal["accepted", "correction", "resampled", "bonus", "decoded"]
 
 
 class _Event(BaseModel):
@@ -60,6 +62,11 @@ class RunStarted(_Event):
     lookahead: int = 0
     max_new_tokens: int = 0
     prompt: str = ""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    acceptance: str = "greedy"  # greedy | coupled | rejection
 
 
 class WorkerReady(_Event):
@@ -88,6 +95,7 @@ class DraftProposed(_Event):
     token_id: int
     text: str
     top: list[Candidate] = Field(default_factory=list)
+    q: float | None = None  # the draft's probability of this token (after temperature, top-k/p)
 
 
 class VerifyResult(_Event):
@@ -98,6 +106,12 @@ class VerifyResult(_Event):
     committed: list[int]
     # The target's top candidates at start_pos, start_pos+1, ... (one list per committed token).
     top: list[list[Candidate]] = Field(default_factory=list)
+    # Sampling: one entry per checked draft token (the accepted ones and the first rejected):
+    p: list[float] = Field(default_factory=list)  # the target's probability of it
+    q: list[float] = Field(default_factory=list)  # the draft's
+    accept_prob: list[float] = Field(default_factory=list)  # min(1, p/q)
+    u: list[float] = Field(default_factory=list)  # rejection rule: the draw (accept if u < a)
+    overlap: list[float] = Field(default_factory=list)  # sum(min(p, q)): expected acceptance
 
 
 class Rollback(_Event):

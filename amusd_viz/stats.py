@@ -21,6 +21,9 @@ class RunStats:
     mean_accepted_per_pass: float | None = None  # draft tokens accepted per verify pass
     mean_committed_per_pass: float | None = None  # tokens committed per target pass
     acceptance_rate: float | None = None  # accepted / proposed, over verified draft tokens
+    # sampling: the mean over checked draft tokens of sum(min(p, q)), the acceptance the
+    # rejection rule achieves on average (the best any rule can); None when greedy
+    expected_acceptance: float | None = None
     acceptance_by_position: list[float] = field(default_factory=list)  # P(accept i | reached i)
     accepted_histogram: dict[int, int] = field(default_factory=dict)  # accepted count -> passes
     rollbacks: int = 0
@@ -75,6 +78,7 @@ class _Tally:
         self.committed_per_pass: list[int] = []
         self.spans: dict[tuple[str, str], list[tuple[float, float]]] = {}
         self.first_prefill: float | None = None
+        self.overlaps: list[float] = []
 
     def add(self, e) -> None:
         s, kind = self.s, e.type
@@ -109,6 +113,7 @@ class _Tally:
         if not e.proposed:
             return
         s.verify_passes += 1
+        self.overlaps.extend(getattr(e, "overlap", []))
         self.proposed += len(e.proposed)
         self.accepted += e.accepted
         s.accepted_histogram[e.accepted] = s.accepted_histogram.get(e.accepted, 0) + 1
@@ -124,6 +129,8 @@ class _Tally:
             s.acceptance_rate = self.accepted / self.proposed if self.proposed else None
             s.acceptance_by_position = [self.passed[i] / self.reached[i]
                                         for i in sorted(self.reached)]
+        if self.overlaps:
+            s.expected_acceptance = sum(self.overlaps) / len(self.overlaps)
         if self.committed_per_pass:
             s.mean_committed_per_pass = sum(self.committed_per_pass) / len(self.committed_per_pass)
         s.accepted_histogram = dict(sorted(s.accepted_histogram.items()))
@@ -183,6 +190,7 @@ def format_stats(s: RunStats) -> str:
         f"mean accepted / pass   {num(s.mean_accepted_per_pass)}",
         f"mean committed / pass  {num(s.mean_committed_per_pass)}",
         f"acceptance rate        {pct(s.acceptance_rate)}",
+        f"expected (sum min p,q) {pct(s.expected_acceptance)}",
         "acceptance by position " + (" ".join(f"{i}:{pct(r)}" for i, r in
                                                enumerate(s.acceptance_by_position)) or "-"),
         "accepted per pass      " + (" ".join(f"{k}:{v}" for k, v in s.accepted_histogram.items())

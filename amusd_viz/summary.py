@@ -35,6 +35,11 @@ class RunSummary(BaseModel):
     text: str
     stop_reason: str
     draft_lost: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None  # None when greedy (no randomness to repeat)
+    acceptance: str = "greedy"  # greedy | coupled | rejection
     stats: RunStats
 
     @computed_field  # type: ignore[prop-decorator]
@@ -61,6 +66,11 @@ class RunSummary(BaseModel):
     @property
     def acceptance_rate(self) -> float | None:
         return self.stats.acceptance_rate
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def expected_acceptance(self) -> float | None:
+        return self.stats.expected_acceptance
 
     @computed_field  # type: ignore[prop-decorator]
     @property

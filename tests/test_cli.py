@@ -43,6 +43,14 @@ def test_help_lists_every_option_of_the_contract():
     (["--prompt", "a", "--prompt-file", "b"], "not allowed with"),
     (["bench", "--repeats", "0"], "--repeats"),
     (["replay", "x.jsonl", "--speed", "0"], "--speed"),
+    (["--temperature", "-0.5"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--top-k", "-1"], "--top-k"),
+    (["--seed", "1.5"], "--seed"),
+    (["--seed", "x"], "--seed"),
+    (["--acceptance", "maybe", "--temperature", "1"], "--acceptance"),
+    (["bench", "--temperature", "-1"], "--temperature"),
 ])
 def test_bad_option_values_exit_2_with_one_line(args, needle, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -195,7 +203,7 @@ def test_bench_report_prints_one_table_for_one_kind():
     print_report(report, Console(file=out, width=120))
     text = out.getvalue()
     assert text.count("ms/token") == 1  # one kind: the table is printed once
-    assert "2.00x" in text and "lossless vs ar: 0 identical" in text
+    assert "2.00x" in text and "lossless vs ar (greedy): 0 identical" in text
 
 
 def test_bench_plot_draws_a_png(tmp_path):
@@ -204,3 +212,26 @@ def test_bench_plot_draws_a_png(tmp_path):
     out = tmp_path / "curve.png"
     write_plot(out, {"ar": [0.1, 0.2, 0.3], "amusd": [0.05, 0.1]}, "tokens against time")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_acceptance_without_temperature_is_one_clear_line(capsys):
+    assert main(["--headless", "--acceptance", "rejection"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--acceptance rejection needs --temperature above 0" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_sampling_options_reach_the_run_config():
+    from amusd_viz.cli import build_run_config
+
+    args = build_run_parser().parse_args(["--temperature", "0.8", "--top-p", "0.9",
+                                          "--top-k", "40", "--seed", "7"])
+    cfg = build_run_config(args)
+    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed) == (0.8, 0.9, 40, 7)
+    assert cfg.acceptance_rule == "coupled"  # the default rule when sampling
+    assert cfg.log_config()["seed"] == 7
+    fresh = {build_run_config(build_run_parser().parse_args(["--temperature", "1"])).seed
+             for _ in range(5)}
+    assert len(fresh) > 1  # a fresh random seed when none is given
+    greedy = build_run_config(build_run_parser().parse_args([]))
+    assert greedy.acceptance_rule == "greedy" and greedy.sampling.greedy

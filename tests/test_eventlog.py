@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from amusd_viz.errors import UserError
 from amusd_viz.eventlog import JsonlRecorder, make_header, parse_log, read_log
-from amusd_viz.events import Forward, RunFinished, RunStarted, TokenCommitted
+from amusd_viz.events import SCHEMA_VERSION, Forward, RunFinished, RunStarted, TokenCommitted
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SAMPLES = sorted(ASSETS.glob("sample-*.jsonl"))
@@ -38,7 +38,7 @@ def test_round_trip_and_flush_per_line(tmp_path):
         rec.emit(e)
     rec.close()
     log = read_log(path)
-    assert log.header.schema_version == 1 and log.header.config["strategy"] == "ar"
+    assert log.header.schema_version == SCHEMA_VERSION and log.header.config["strategy"] == "ar"
     assert [e.type for e in log.events] == [e.type for e in events]
     assert log.events[2].text == "hi" and log.warnings == []
 

@@ -84,3 +84,16 @@ def test_prompt_longer_than_the_context(tmp_path):
     out = subprocess.run([sys.executable, "-m", "amusd_viz", "--headless", "--prompt-file",
                           str(long)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "exceeds the target's context" in out.stderr
+
+
+def test_coupled_sampling_gives_the_same_ids_in_every_strategy():
+    """The default pair at temperature 0.8, seed 7, float32: ar, sync and amusd agree token for
+    token (the coupled rule's promise), and the summary records the settings."""
+    runs = {s: headless("--strategy", s, "--dtype", "float32", "--max-new-tokens", "16",
+                        "--temperature", "0.8", "--seed", "7")
+            for s in ("ar", "sync", "amusd")}
+    ids = {s: r["token_ids"] for s, r in runs.items()}
+    assert ids["sync"] == ids["ar"] and ids["amusd"] == ids["ar"], ids
+    for r in runs.values():
+        assert (r["temperature"], r["seed"], r["acceptance"]) == (0.8, 7, "coupled")
+    assert runs["amusd"]["expected_acceptance"] is not None

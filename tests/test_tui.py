@@ -151,16 +151,16 @@ async def _settle(pilot):
 
 # live runs on tiny models ---------------------------------------------------------------------
 
-def live_app(tiny_models, faults=None, max_new=30):
+def live_app(tiny_models, faults=None, max_new=30, strategy="amusd", **sampling):
     from amusd_viz.config import RunConfig
     from amusd_viz.engine.devices import resolve_run
     from amusd_viz.engine.run import prepare
     from amusd_viz.ui.sources import LiveSource
 
     cfg = resolve_run(RunConfig(
-        strategy="amusd", lookahead=3, max_new_tokens=max_new, stall_timeout=60.0,
+        strategy=strategy, lookahead=3, max_new_tokens=max_new, stall_timeout=60.0,
         draft=str(tiny_models["draft_near"]), target=str(tiny_models["target"]), dtype="float32",
-        draft_quant_option="none", prompt="def add(a, b):", faults=faults or {}))
+        draft_quant_option="none", prompt="def add(a, b):", faults=faults or {}, **sampling))
     source = LiveSource(prepare(cfg), cfg)
     return AmusdApp(source), source
 
@@ -225,3 +225,25 @@ async def test_live_target_crash_shows_the_error_without_hanging(tiny_models):
         assert "target worker" in plain(app.query_one(RunHeader))
         await pilot.press("q")
     assert source.exit_code == 1
+
+
+async def test_a_sampled_live_run_explains_each_verdict(tiny_models):
+    """Temperature 0.8, seed 7, rejection rule: the header shows the settings, the inspector
+    shows p, q, min(1, p/q) and the draw for a checked draft token, in words."""
+    app, _ = live_app(tiny_models, temperature=0.8, seed=7, acceptance="rejection",
+                      strategy="sync")
+    async with app.run_test(size=SIZE) as pilot:
+        await _wait_for(pilot, lambda: app.state.status == "done")
+        assert "T 0.8 rejection seed 7" in plain(app.query_one(RunHeader))
+        checked = sorted(app.state.checks)
+        assert checked
+        app.cursor = checked[0]
+        app._redraw(force=True)
+        text = plain(app.query_one(Inspector))
+        assert "p = " in text and "q = " in text and "min(1, p/q)" in text
+        assert "accepted: u = " in text or "rejected: u = " in text
+        await pilot.press("t")  # next run's temperature: 0.8 -> 1.0
+        assert app.source.cfg.temperature == 1.0
+        await pilot.press("a")
+        assert app.source.cfg.acceptance_rule == "coupled"
+        await pilot.press("q")

@@ -1,7 +1,8 @@
-"""The generation loops: greedy, lossless, emitting events.
+"""The generation loops: lossless, greedy or sampled, emitting events.
 
-Every committed token comes from the target's own argmax, so each strategy's output equals the
-target's greedy decoding. The loops differ only in where draft tokens come from and when:
+Every committed token comes from the target's own choice (its argmax, its seeded sample, or the
+rejection rule's draw; engine/sampling.py), so each strategy's output is the target's own
+decoding. The loops differ only in where draft tokens come from and when:
 - `ar_loop`: the target alone, one token per pass.
 - `sync_loop`: draft k tokens, then verify them in one target pass (one process, both models).
 - `amusd_target_loop` / `amusd_draft_loop`: two processes running at once, sharing the committed
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from amusd_viz.engine.runner import Runner
+from amusd_viz.engine.sampling import GREEDY, Sampler, SamplingParams, Verdict
 from amusd_viz.events import (
     Candidate,
     DraftProposed,
@@ -36,6 +38,8 @@ class Request:
     t0_ns: int  # the run's zero on the shared monotonic clock
     max_ahead: int = 0  # amusd: how far the draft may run past the committed text (0: 2×lookahead)
     wait_steps: float = 0.0  # amusd: how long the target may wait for drafts (0: never waits)
+    sampling: SamplingParams = GREEDY
+    vocab: int = 0  # sampling: the width of p and q rows (the larger model vocabulary)
 
 
 @dataclass
@@ -97,48 +101,72 @@ class Committer:
         return taken
 
 
-def judge(runner: Runner, logits, drafts: list[int]) -> tuple[int, list[int], list[str], list[list[dict]]]:
-    """Greedy verification: accept the longest prefix of `drafts` that matches the target's
-    argmax, then add the target's own token (a correction, or a bonus after a full match)."""
-    preds = logits.argmax(dim=-1).tolist()
-    accepted = 0
-    while accepted < len(drafts) and drafts[accepted] == preds[accepted]:
-        accepted += 1
-    new = [*drafts[:accepted], preds[accepted]]
-    if not drafts:
-        last = "decoded"
-    else:
-        last = "bonus" if accepted == len(drafts) else "correction"
-    hows = ["accepted"] * accepted + [last]
-    tops = [runner.top(logits[i]) for i in range(accepted + 1)]
-    return accepted, new, hows, tops
+def sampler_for(req: Request, runner: Runner) -> Sampler:
+    return Sampler(req.sampling, req.vocab or runner.vocab)
+
+
+def _tops(runner: Runner, logits, verdict: Verdict, sampler: Sampler) -> list[list[dict]]:
+    """The target's top candidates at each committed position: of p when sampling."""
+    if verdict.probs is None:
+        return [runner.top(logits[i]) for i in range(len(verdict.tokens))]
+    return [runner.top_of_probs(verdict.probs[i]) for i in range(len(verdict.tokens))]
 
 
 def verify(req: Request, c: Committer, target: Runner, device: str, drafts: list[int],
-           emit: Emit) -> int:
+           emit: Emit, sampler: Sampler, q_rows: list | None = None) -> int:
     """One target pass over [last committed] + drafts: judge, commit, report. Returns how many
     drafts were accepted."""
     logits, fed, start, end = target.forward(c.seq + drafts, len(drafts) + 1)
     emit(_forward_event(req, "target", device, "verify" if drafts else "decode",
                         fed, start, end))
     start_pos = c.n_new
-    accepted, new, hows, tops = judge(target, logits, drafts)
-    committed = c.commit(new, hows, tops)
-    emit(VerifyResult(t=_secs(req, end), start_pos=start_pos, proposed=drafts, accepted=accepted,
-                      committed=committed))
-    return accepted
+    verdict = sampler.verdict(logits, drafts, start_pos, q_rows or [])
+    committed = c.commit(verdict.tokens, verdict.hows, _tops(target, logits, verdict, sampler))
+    emit(VerifyResult(t=_secs(req, end), start_pos=start_pos, proposed=drafts,
+                      accepted=verdict.accepted, committed=committed,
+                      **_check_fields(verdict)))
+    sampler.noise.forget_before(c.n_new)
+    return verdict.accepted
+
+
+def _check_fields(verdict: Verdict) -> dict:
+    """Why each checked draft token was accepted or not (empty lists when greedy)."""
+    checks = verdict.checks
+    return {"p": [round(k.p, 6) for k in checks], "q": [round(k.q, 6) for k in checks],
+            "accept_prob": [round(k.accept_prob, 6) for k in checks],
+            "u": [round(k.u, 6) for k in checks if k.u is not None],
+            "overlap": [round(k.overlap, 6) for k in checks if k.overlap is not None]}
+
+
+def first_token(req: Request, c: Committer, target: Runner, device: str, emit: Emit,
+                sampler: Sampler, phase: str = "prefill") -> None:
+    """One pass with no drafts: the prompt's prefill, or a plain decode step."""
+    logits, fed, start, end = target.forward(c.seq, 1)
+    emit(_forward_event(req, "target", device, phase, fed, start, end))
+    token, probs = sampler.own(logits[0], c.n_new)
+    top = target.top(logits[0]) if probs is None else target.top_of_probs(probs)
+    c.commit([token], ["decoded"], [top])
+
+
+def propose(req: Request, draft: Runner, sampler: Sampler, logits_row, pos: int, end: int,
+            emit: Emit):
+    """The draft's token at `pos`; emits draft_proposed with q(x). Returns (token, q row)."""
+    token, q_x, q = sampler.propose(logits_row, pos)
+    top = draft.top(logits_row) if q is None else draft.top_of_probs(q)
+    emit(DraftProposed(t=_secs(req, end), pos=pos, token_id=token, text=draft.text(token),
+                       top=top, q=round(q_x, 6)))
+    return token, q
 
 
 def ar_loop(req: Request, target: Runner, device: str, emit: Emit) -> Outcome:
     target.begin()
     c = Committer(req, target, emit)
+    sampler = sampler_for(req, target)
     phase = "prefill"
     while not c.done:
-        logits, fed, start, end = target.forward(c.seq, 1)
-        emit(_forward_event(req, "target", device, phase, fed, start, end))
+        first_token(req, c, target, device, emit, sampler, phase)
+        sampler.noise.forget_before(c.n_new)
         phase = "decode"
-        token = int(logits[0].argmax())
-        c.commit([token], ["decoded"], [target.top(logits[0])])
     return c.outcome
 
 
@@ -147,23 +175,22 @@ def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Em
     target.begin()
     draft.begin()
     c = Committer(req, target, emit)
-    logits, fed, start, end = target.forward(c.seq, 1)
-    emit(_forward_event(req, "target", device, "prefill", fed, start, end))
-    c.commit([int(logits[0].argmax())], ["decoded"], [target.top(logits[0])])
+    sampler = sampler_for(req, target)
+    first_token(req, c, target, device, emit, sampler)
     while not c.done:
         drafts: list[int] = []
+        q_rows: list = []
         for _ in range(min(req.lookahead, c.remaining - 1)):
             logits, fed, start, end = draft.forward(c.seq + drafts, 1)
             emit(_forward_event(req, "draft", device,
                                 "prefill" if len(draft.ids) == fed else "draft", fed, start, end))
-            token = int(logits[0].argmax())
-            emit(DraftProposed(t=_secs(req, end), pos=c.n_new + len(drafts), token_id=token,
-                               text=draft.text(token), top=draft.top(logits[0])))
+            token, q = propose(req, draft, sampler, logits[0], c.n_new + len(drafts), end, emit)
             drafts.append(token)
+            q_rows.append(q)
             if token in req.eos_ids:
                 break
         start_pos = c.n_new
-        accepted = verify(req, c, target, device, drafts, emit)
+        accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows)
         if accepted < len(drafts):  # the draft's cache drops these on its next forward pass
             emit(Rollback(t=_secs(req, time.perf_counter_ns()), to_pos=start_pos + accepted,
                           discarded=drafts[accepted:]))
@@ -212,9 +239,8 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
     target.begin()
     c = Committer(req, target, emit)
     n_prompt = len(req.prompt_ids)
-    logits, fed, start, end = target.forward(c.seq, 1)
-    emit(_forward_event(req, "target", device, "prefill", fed, start, end))
-    c.commit([int(logits[0].argmax())], ["decoded"], [target.top(logits[0])])
+    sampler = sampler_for(req, target)
+    first_token(req, c, target, device, emit, sampler)
     shared.publish_committed(c.seq, n_prompt, done=c.done)
     pace = Pace()
     while not c.done:
@@ -226,11 +252,34 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
             if len(drafts) < want:
                 drafts = shared.wait_for_drafts(c.seq, n_prompt, limit, want,
                                                 req.wait_steps * (want - len(drafts)) * step)
+        q_rows: list = []
+        if drafts and not req.sampling.greedy:
+            # the q of each draft, as the draft published it; a row already overwritten by a
+            # rollback ends the drafts there
+            q_rows = shared.read_q_rows(c.n_new, drafts)
+            drafts = drafts[:len(q_rows)]
         before = c.n_new
-        accepted = verify(req, c, target, device, drafts, emit)
+        accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows)
         shared.publish_committed(c.seq, n_prompt, done=c.done)
         pace.observe(len(drafts), accepted, c.n_new - before)
     return c.outcome
+
+
+def _adopt_committed(req: Request, seq: list[int], committed: list[int], shared,
+                     emit: Emit) -> list[int]:
+    """The draft's sequence after the target's latest commits: on a mismatch, drop its tokens
+    from there (a rollback) and take the target's; past its drafts, adopt the target's."""
+    n_prompt = len(req.prompt_ids)
+    mismatch = next((i for i in range(n_prompt, min(len(seq), len(committed)))
+                     if seq[i] != committed[i]), None)
+    if mismatch is not None:
+        emit(Rollback(t=_secs(req, time.perf_counter_ns()), to_pos=mismatch - n_prompt,
+                      discarded=seq[mismatch:]))
+        shared.publish_drafts(committed, n_prompt)
+        return committed
+    if len(committed) > len(seq):
+        return seq + committed[len(seq):]  # the target decoded past our drafts: adopt
+    return seq
 
 
 def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emit) -> int:
@@ -242,24 +291,16 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
     n_prompt = len(req.prompt_ids)
     seq = list(req.prompt_ids)
     max_ahead = req.max_ahead or 2 * req.lookahead
+    sampler = sampler_for(req, draft)
     passes = 0
     while True:
         shared.clear_wakeup()
         committed, done = shared.read_committed(req.prompt_ids)
         if done:
             return passes
-        n_committed = len(committed)
-        mismatch = next((i for i in range(n_prompt, min(len(seq), n_committed))
-                         if seq[i] != committed[i]), None)
-        if mismatch is not None:
-            emit(Rollback(t=_secs(req, time.perf_counter_ns()), to_pos=mismatch - n_prompt,
-                          discarded=seq[mismatch:]))
-            seq = committed
-            shared.publish_drafts(seq, n_prompt)
-        elif n_committed > len(seq):
-            seq = seq + committed[len(seq):]  # the target decoded past our drafts: adopt
+        seq = _adopt_committed(req, seq, committed, shared, emit)
         generated = len(seq) - n_prompt
-        if (len(seq) - n_committed >= max_ahead or generated >= req.max_new_tokens
+        if (len(seq) - len(committed) >= max_ahead or generated >= req.max_new_tokens
                 or (generated and seq[-1] in req.eos_ids)):
             shared.wait_wakeup(0.5)
             continue
@@ -267,11 +308,24 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
         passes += 1
         emit(_forward_event(req, "draft", device, "prefill" if passes == 1 else "draft",
                             fed, start, end))
-        token = int(logits[0].argmax())
+        token, q = propose(req, draft, sampler, logits[0], generated, end, emit)
+        if q is not None:
+            shared.write_q_row(generated, token, q)  # before the draft that needs it is visible
+        sampler.noise.forget_before(len(committed) - n_prompt)
         seq = [*seq, token]
         shared.publish_drafts(seq, n_prompt, step_s=(end - start) / 1e9 if fed == 1 else None)
-        emit(DraftProposed(t=_secs(req, end), pos=len(seq) - 1 - n_prompt, token_id=token,
-                           text=draft.text(token), top=draft.top(logits[0])))
+
+
+def _hf_sampling(req: Request) -> dict:
+    """transformers' own sampler with the same settings (its own random stream, seeded)."""
+    params = req.sampling
+    if params.greedy:
+        return {"do_sample": False}
+    import torch
+
+    torch.manual_seed(params.seed)
+    return {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p,
+            "top_k": params.top_k or None}
 
 
 def hf_loop(req: Request, target: Runner, draft: Runner | None, device: str, emit: Emit) -> Outcome:
@@ -291,7 +345,7 @@ def hf_loop(req: Request, target: Runner, draft: Runner | None, device: str, emi
     ids = torch.tensor([req.prompt_ids], device=target.device)
     start = time.perf_counter_ns()
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=req.max_new_tokens, do_sample=False,
+        out = model.generate(ids, max_new_tokens=req.max_new_tokens, **_hf_sampling(req),
                              eos_token_id=sorted(req.eos_ids) or None,
                              pad_token_id=(sorted(req.eos_ids) or [0])[0], **kwargs)
     if target.is_cuda:

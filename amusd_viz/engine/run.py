@@ -73,7 +73,8 @@ class Prepared:
                             dtype=cfg.dtype, stall_timeout=cfg.stall_timeout,
                             wait_steps=cfg.wait_steps, draft_quant=cfg.draft_quant,
                             preamble=self.preamble if cfg.preamble_cache else (),
-                            faults={str(role): spec for role, spec in cfg.faults.items()})
+                            faults={str(role): spec for role, spec in cfg.faults.items()},
+                            sampling=cfg.sampling)
 
 
 def _eos_ids(source: str, tokenizer) -> frozenset[int]:
@@ -115,7 +116,10 @@ def run_started_event(p: Prepared, cfg: RunConfig, prompt_ids: list[int]) -> Run
                       target=p.target, draft_device=cfg.draft_device if spec else None,
                       target_device=cfg.target_device, prompt_tokens=len(prompt_ids),
                       dtype=cfg.dtype, lookahead=cfg.lookahead if spec else 0,
-                      max_new_tokens=cfg.max_new_tokens, prompt=cfg.prompt)
+                      max_new_tokens=cfg.max_new_tokens, prompt=cfg.prompt,
+                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                      seed=None if cfg.temperature == 0 else cfg.seed,
+                      acceptance=cfg.acceptance_rule)
 
 
 def summarize(p: Prepared, cfg: RunConfig, gen: Generation | None, events,
@@ -127,6 +131,8 @@ def summarize(p: Prepared, cfg: RunConfig, gen: Generation | None, events,
         target_device=cfg.target_device, dtype=cfg.dtype, prompt_tokens=len(prompt_ids),
         token_ids=token_ids, text=p.tokenizer.decode(token_ids, skip_special_tokens=True),
         stop_reason=gen.stop_reason if gen else "failed", draft_lost=bool(gen and gen.draft_lost),
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        seed=cfg.seed if cfg.temperature else None, acceptance=cfg.acceptance_rule,
         stats=stats.compute(events))
 
 

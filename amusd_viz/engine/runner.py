@@ -93,9 +93,16 @@ class Runner:
             self._texts[token_id] = self.tokenizer.decode([token_id]) if self.tokenizer else str(token_id)
         return self._texts[token_id]
 
+    @property
+    def vocab(self) -> int:
+        return int(self.model.config.vocab_size)
+
     def top(self, logits_row: torch.Tensor) -> list[dict]:
         """The top candidates at one position, with probabilities."""
-        probs = torch.softmax(logits_row, dim=-1)
+        return self.top_of_probs(torch.softmax(logits_row, dim=-1))
+
+    def top_of_probs(self, probs: torch.Tensor) -> list[dict]:
+        """The top candidates of a distribution (a sampler's p or q)."""
         p, idx = torch.topk(probs, self.top_k)
         return [{"id": int(i), "text": self.text(int(i)), "p": round(float(q), 4)}
                 for q, i in zip(p.tolist(), idx.tolist(), strict=False)]

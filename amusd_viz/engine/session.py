@@ -4,16 +4,18 @@ the sink, and notices a worker that died or stalled. Imports no torch."""
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_readable
+from pathlib import Path
 from typing import Any
 
 from typing_extensions import Self
 
-from amusd_viz.config import draft_runs_with_target
+from amusd_viz.config import GREEDY, SamplingParams, draft_runs_with_target
 from amusd_viz.engine.loops import Outcome, Request
 from amusd_viz.engine.messages import Done, Failed, Ready, RunRequest
 from amusd_viz.engine.shared import SharedState
@@ -47,6 +49,16 @@ class EngineConfig:
     draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
     preamble: tuple[int, ...] = ()  # the prompt head every run shares: cached at load time
     faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
+    sampling: SamplingParams = GREEDY
+
+    def vocab_size(self) -> int:
+        """The width of p and q rows: the larger of the two models' vocabularies."""
+        sizes = [0]
+        for src in (self.target_src, self.draft_src):
+            config = Path(src or "") / "config.json"
+            if src and config.is_file():
+                sizes.append(int(json.loads(config.read_text()).get("vocab_size") or 0))
+        return max(sizes)
 
     @property
     def one_device(self) -> bool:
@@ -106,6 +118,7 @@ class Engine:
         self._closed = False
         self._cancelled = False
         self._done: dict[str, Outcome | int] = {}
+        self.vocab = cfg.vocab_size()  # the width of p and q rows when sampling
 
     def now(self) -> float:
         return (time.perf_counter_ns() - self.t0_ns) / 1e9
@@ -114,7 +127,8 @@ class Engine:
     def start(self) -> None:
         cfg = self.cfg
         if cfg.strategy == "amusd":
-            self.shared = SharedState(self._ctx, cfg.capacity, one_device=cfg.one_device)
+            self.shared = SharedState(self._ctx, cfg.capacity, one_device=cfg.one_device,
+                                      vocab=0 if cfg.sampling.greedy else self.vocab)
         for spec in cfg.worker_specs(self.t0_ns):
             # One event pipe per worker: a worker killed mid-message can only tear its own pipe
             # (one shared queue would leave its lock held and block the other worker).
@@ -172,9 +186,15 @@ class Engine:
 
     # generation -----------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], max_new_tokens: int, lookahead: int,
-                 eos_ids: frozenset[int], max_ahead: int = 0) -> Generation:
+                 eos_ids: frozenset[int], max_ahead: int = 0,
+                 sampling: SamplingParams | None = None) -> Generation:
+        """One run; `sampling` overrides the engine's settings for this run (an engine started
+        greedy has no room for the draft's q rows: amusd needs a sampling engine to sample)."""
         if len(prompt_ids) + max_new_tokens + 2 * lookahead + 2 > self.cfg.capacity:
             raise RunFailed("prompt and --max-new-tokens exceed the engine's capacity")
+        sampling = sampling or self.cfg.sampling
+        if not sampling.greedy and self.shared is not None and not self.shared.vocab:
+            raise ValueError("this amusd engine was started greedy: it cannot sample")
         self._run_id += 1
         run_id = self._run_id
         if self.shared is not None:
@@ -182,7 +202,7 @@ class Engine:
             self.shared.set_draft_alive(not self.workers["draft"].lost)
         start_ns = time.perf_counter_ns()
         req = Request(list(prompt_ids), max_new_tokens, lookahead, eos_ids, self.t0_ns, max_ahead,
-                      self.cfg.wait_steps)
+                      self.cfg.wait_steps, sampling, self.vocab)
         live = [w for w in self.workers.values() if not w.lost]
         for w in live:
             w.requests.put(RunRequest(run_id, req))

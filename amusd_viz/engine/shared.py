@@ -20,9 +20,19 @@ import numpy as np
 COMMITTED_LEN, DRAFTS_LEN, DONE, EPOCH, DRAFT_ALIVE, DRAFT_STEP_US, COMMITTED_SEQ, DRAFTS_SEQ = range(8)
 
 
+Q_SLOTS = 72  # q rows kept: more than the draft can run ahead (2 × the largest lookahead)
+Q_SEQ, Q_POS, Q_TOKEN = range(3)
+
+
 class SharedState:
-    def __init__(self, ctx: mp.context.BaseContext, capacity: int, one_device: bool = False) -> None:
+    def __init__(self, ctx: mp.context.BaseContext, capacity: int, one_device: bool = False,
+                 vocab: int = 0) -> None:
         self.capacity = capacity
+        # Sampling: the draft's q row for each proposal, a ring indexed by position, each row
+        # with its own seqlock and the (position, token) it belongs to. Only when sampling.
+        self.vocab = vocab
+        self._q = ctx.RawArray("f", Q_SLOTS * vocab) if vocab else None
+        self._q_meta = ctx.RawArray("q", Q_SLOTS * 3) if vocab else None
         # Both workers on one device take turns, pass by pass: no thrashing, and the device's
         # forward spans never overlap.
         self.device_lock = ctx.Lock() if one_device else None
@@ -173,3 +183,34 @@ class SharedState:
 
     def wait_wakeup(self, timeout: float) -> None:
         self.wakeup.wait(timeout)
+
+    # sampling: the draft's q rows --------------------------------------------------------------
+    def write_q_row(self, pos: int, token: int, q) -> None:
+        """The draft's distribution at `pos` (generated index) for its proposal `token`."""
+        assert self._q is not None and self._q_meta is not None
+        slot = pos % Q_SLOTS
+        meta = self._view(self._q_meta).reshape(Q_SLOTS, 3)[slot]
+        rows = np.frombuffer(self._q, dtype=np.float32).reshape(Q_SLOTS, self.vocab)
+        meta[Q_SEQ] += 1  # odd: a write is under way
+        rows[slot] = q.numpy()
+        meta[Q_POS], meta[Q_TOKEN] = pos, token
+        meta[Q_SEQ] += 1
+
+    def read_q_rows(self, start_pos: int, drafts: list[int]) -> list:
+        """q rows for drafts at start_pos, start_pos+1, ...: a consistent copy of each, up to
+        the first row that belongs to another proposal (a rollback rewrote it)."""
+        import torch
+
+        assert self._q is not None and self._q_meta is not None
+        metas = self._view(self._q_meta).reshape(Q_SLOTS, 3)
+        rows = np.frombuffer(self._q, dtype=np.float32).reshape(Q_SLOTS, self.vocab)
+        out = []
+        for i, token in enumerate(drafts):
+            meta = metas[(start_pos + i) % Q_SLOTS]
+            before = int(meta[Q_SEQ])
+            row = rows[(start_pos + i) % Q_SLOTS].copy()
+            if (before % 2 or int(meta[Q_SEQ]) != before or int(meta[Q_POS]) != start_pos + i
+                    or int(meta[Q_TOKEN]) != token):
+                break
+            out.append(torch.from_numpy(row))
+        return out

@@ -27,7 +27,7 @@ class WorkerSpec:
     target_src: str | None
     draft_src: str | None
     t0_ns: int
-    fault: str = ""  # tests only: "die_after:N" exits the process after N forward passes
+    fault: str = ""  # tests only: "die_after:N" exits after N forward passes; "slow:S" (worker.py)
     draft_quant: str = "none"  # "int8": dynamic int8 linear layers for the draft (CPU only)
     preamble: tuple[int, ...] = ()  # the tokens every prompt starts with: fed at load time
 
@@ -94,6 +94,7 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
         target, draft = _load_models(spec, device, shared, events)
+        _slow_down(spec, target if spec.role == "target" else draft)
         events.send(Ready(spec.role))
         emit = _fault_injector(spec, events.send)
         while (msg := requests.get()) is not None:
@@ -151,6 +152,21 @@ def _serve(spec: WorkerSpec, req, target, draft, device: str, shared, emit):
         case "amusd", "draft":
             return loops.amusd_draft_loop(req, draft, device, shared, emit)
     raise ValueError(f"no loop for strategy {spec.strategy!r} as {spec.role}")
+
+
+def _slow_down(spec: WorkerSpec, runner) -> None:
+    """Tests: "slow:S" adds S seconds to each forward pass of this worker's model, so that a
+    tiny draft gets ahead of a tiny target as a real one does (both otherwise take ~1 ms)."""
+    if runner is None or not spec.fault.startswith("slow:"):
+        return
+    delay = float(spec.fault.split(":", 1)[1])
+    forward = runner.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(delay)
+        return forward(*args, **kwargs)
+
+    runner.forward = slow_forward
 
 
 def _fault_injector(spec: WorkerSpec, put):

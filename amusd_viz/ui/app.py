@@ -31,7 +31,9 @@ from amusd_viz.ui.widgets import (
 )
 
 TICK_S = 1 / 8  # redraw rate of the fast widgets (header, timeline, text)
-SLOW_TICK_S = 1.0  # stats and charts
+SLOW_TICK_S = 1.0  # stats and inspector
+CHART_TICK_S = 2.0  # the four plotext charts, the costliest frame, while a run is going on
+TEMPERATURES = (0.0, 0.3, 0.7, 1.0)  # what `t` cycles through
 MAX_EVENTS_PER_TICK = 5000  # a burst (a replay seek, a fast replay) spreads over a few ticks
 
 
@@ -58,6 +60,7 @@ both run at once on two devices; **sync** alternates them on one device; **ar** 
 | `+` `-` | zoom the timeline; `{` `}` scroll it; `f` follow the present |
 | `1` `2` `3` | re-run this prompt with ar, sync or amusd (charts overlay the runs) |
 | `[` `]` | lookahead down / up (for the next run) |
+| `t` / `a` | temperature 0 → 0.3 → 0.7 → 1.0 / acceptance rule coupled ↔ rejection (next run) |
 | `n` | a new prompt |
 | `s` | save the event log and a Perfetto trace of this run |
 | `j` | replay: step to the next token; `g` seek; `<` `>` slower / faster |
@@ -66,7 +69,8 @@ both run at once on two devices; **sync** alternates them on one device; **ar** 
 | `q` | quit (stops every worker) |
 
 **Token colours**: green = draft token the target accepted; magenta underlined = the target's
-correction (the rejected draft token is struck through in red just before it); bold cyan = bonus
+correction, or under the rejection rule a token drawn from the residual max(0, p − q) (the
+rejected draft token is struck through in red just before it); bold cyan = bonus
 token after a fully accepted draft; italic = decoded by the target alone; dim = pending drafts not
 verified yet.
 
@@ -128,6 +132,8 @@ class AmusdApp(App):
         Binding("left_square_bracket", "lookahead(-1)", "look-", show=False),
         Binding("right_square_bracket", "lookahead(1)", "look+", show=False),
         Binding("n", "new_prompt", "new prompt"),
+        Binding("t", "temperature", "temp", show=False),
+        Binding("a", "acceptance", "rule", show=False),
         Binding("s", "save", "save"),
         Binding("j", "step", "step", show=False),
         Binding("g", "seek", "seek", show=False),
@@ -148,6 +154,7 @@ class AmusdApp(App):
         self._drawn = -1
         self._slow_drawn = -1
         self._last_slow = 0.0
+        self._last_chart = 0.0
 
     # layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -224,7 +231,9 @@ class AmusdApp(App):
             stats = state.stats()  # one pass over the run's events per slow redraw
             self.query_one(StatsPanel).show(state, stats, self._ar_ms())
             self.query_one(Inspector).show(state, self.cursor)
-            self._draw_charts(stats.acceptance_by_position)
+            if force or state.status != "generating" or now - self._last_chart >= CHART_TICK_S:
+                self._last_chart = now
+                self._draw_charts(stats.acceptance_by_position)
 
     def _ar_ms(self) -> float | None:
         for run in reversed(self.history):
@@ -294,6 +303,26 @@ class AmusdApp(App):
             value = live.change_lookahead(step)
             self.notify(f"lookahead {value} for the next run (press 1/2/3 to run)")
 
+    def action_temperature(self, value: float | None = None) -> None:
+        """Cycle the next run's temperature through TEMPERATURES (or set one)."""
+        if live := self._live():
+            now = live.cfg.temperature
+            if value is None:
+                later = [t for t in TEMPERATURES if t > now]
+                value = later[0] if later else TEMPERATURES[0]
+            cfg = live.change_sampling(temperature=value)
+            self.notify(f"next run: {'greedy' if not value else f'temperature {value:g}'}, "
+                        f"rule {cfg.acceptance_rule} (press 1/2/3 to run)")
+
+    def action_acceptance(self, rule: str | None = None) -> None:
+        """Switch the next run's acceptance rule (coupled / rejection)."""
+        if live := self._live():
+            if rule is None:
+                rule = "rejection" if live.cfg.acceptance_rule == "coupled" else "coupled"
+            cfg = live.change_sampling(acceptance=rule)
+            note = "" if cfg.temperature else " (applies once the temperature is above 0: t)"
+            self.notify(f"next run: acceptance {rule}{note}")
+
     def action_new_prompt(self) -> None:
         live = self._live()
         if live is None:
@@ -356,6 +385,12 @@ class AmusdApp(App):
                                     lambda s=strategy: self.action_rerun(s))
             yield SystemCommand("New prompt", "Type a prompt and run it", self.action_new_prompt)
             yield SystemCommand("Lookahead +1", "For the next run", lambda: self.action_lookahead(1))
+            for value in TEMPERATURES:
+                yield SystemCommand(f"Temperature {value:g}", "For the next run (0: greedy)",
+                                    lambda v=value: self.action_temperature(v))
+            for rule in ("coupled", "rejection"):
+                yield SystemCommand(f"Acceptance rule: {rule}", "For the next sampled run",
+                                    lambda r=rule: self.action_acceptance(r))
             yield SystemCommand("Lookahead -1", "For the next run", lambda: self.action_lookahead(-1))
         else:
             yield SystemCommand("Seek", "Jump to a time or a token position", self.action_seek)

@@ -164,6 +164,17 @@ class LiveSource(Source):
             self.engine.cancel()
             self.engine = None
 
+    def change_sampling(self, temperature: float | None = None,
+                        acceptance: str | None = None) -> RunConfig:
+        """For the next run: a temperature and/or acceptance rule (greedy at 0)."""
+        update: dict = {}
+        if temperature is not None:
+            update["temperature"] = temperature
+        if acceptance is not None:
+            update["acceptance"] = acceptance
+        self.cfg = self.cfg.model_copy(update=update)
+        return self.cfg
+
     def change_lookahead(self, step: int) -> int:
         """For the next run; returns the new value."""
         value = max(1, min(MAX_LOOKAHEAD, self.cfg.lookahead + step))
@@ -260,9 +271,18 @@ class ReplaySource(Source):
 
 
 def lower_ui_priority() -> None:
-    """Lower the calling thread's priority (the UI's, on Linux where nice is per thread), so
-    drawing never takes a core from a worker; threads it starts later inherit it."""
+    """Let the calling thread (the UI's; on Linux the policy and nice value are per thread) run
+    only on cores the workers leave idle: SCHED_IDLE where allowed, else nice. A worker using
+    every core synchronises its threads at each layer, so any slice the UI takes from one of
+    them stalls them all; idle-class drawing waits for the gaps between passes instead. Threads
+    started later inherit the policy."""
+    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UI_NICENESS)
-    except (AttributeError, OSError):  # not Linux, or not allowed: drawing just competes
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError):  # not Linux, or not allowed: fall back to nice
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, UI_NICENESS)
+    except (AttributeError, OSError):  # drawing just competes
         pass

@@ -63,6 +63,11 @@ class RunState:
     max_new_tokens: int = 0
     prompt: str = ""
     prompt_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    acceptance: str = "greedy"
     status: str = "loading"  # loading | generating | done | error
     message: str = ""
     started_at: float | None = None
@@ -71,7 +76,8 @@ class RunState:
     tokens: list[Token] = field(default_factory=list)
     rejected: dict[int, tuple[int, str]] = field(default_factory=dict)  # pos -> (id, text)
     proposals: dict[int, DraftProposed] = field(default_factory=dict)  # pos -> latest proposal
-    judged: dict[int, DraftProposed] = field(default_factory=dict)  # pos -> the proposal the target judged
+    judged: dict[int, DraftProposed] = field(default_factory=dict)  # pos -> the one judged
+    checks: dict[int, dict] = field(default_factory=dict)  # pos -> why it was accepted or not
     drafts: dict[int, str] = field(default_factory=dict)  # the draft's live sequence beyond commits
     rollbacks: list[tuple[float, int, int]] = field(default_factory=list)  # (t, to_pos, n)
     accepted_per_pass: list[int] = field(default_factory=list)
@@ -87,7 +93,8 @@ class RunState:
         kind = e.type
         if kind == "run_started":
             for name in ("strategy", "draft", "target", "draft_device", "target_device", "dtype",
-                         "lookahead", "max_new_tokens", "prompt", "prompt_tokens"):
+                         "lookahead", "max_new_tokens", "prompt", "prompt_tokens",
+                         "temperature", "top_p", "top_k", "seed", "acceptance"):
                 setattr(self, name, getattr(e, name))
             if e.draft_device:
                 self.lanes.setdefault("draft", Lane("draft", e.draft_device))
@@ -111,6 +118,7 @@ class RunState:
                 prop = self.proposals.get(e.start_pos + i)
                 if prop is not None and prop.token_id == token:
                     self.judged[e.start_pos + i] = prop
+            self._add_checks(e)
             if e.proposed:
                 self.accepted_per_pass.append(e.accepted)
             if e.accepted < len(e.proposed):
@@ -138,6 +146,23 @@ class RunState:
             self.message = f"{e.new_tokens} tokens in {e.wall_s:.2f} s ({e.stop_reason})"
             if e.started_at is not None:
                 self.started_at = e.started_at
+
+    def _add_checks(self, e) -> None:
+        """Sampling: p, q, min(1, p/q), the draw and sum(min(p, q)) of each checked draft."""
+        for i in range(len(getattr(e, "p", []))):
+            self.checks[e.start_pos + i] = {
+                "p": e.p[i], "q": e.q[i] if i < len(e.q) else None,
+                "accept_prob": e.accept_prob[i] if i < len(e.accept_prob) else None,
+                "u": e.u[i] if i < len(e.u) else None,
+                "overlap": e.overlap[i] if i < len(e.overlap) else None}
+
+    @property
+    def sampling_label(self) -> str:
+        if not self.temperature:
+            return "greedy"
+        extra = "".join([f" top-p {self.top_p:g}" if self.top_p < 1 else "",
+                         f" top-k {self.top_k}" if self.top_k else ""])
+        return f"T {self.temperature:g}{extra} {self.acceptance} seed {self.seed}"
 
     def pending(self) -> list[str]:
         """Draft tokens beyond the committed text, not verified yet, in order."""

@@ -17,6 +17,7 @@ from amusd_viz.ui.state import RunState
 STYLES = {
     "accepted": "green",
     "correction": "bold magenta underline",
+    "resampled": "bold magenta underline",
     "bonus": "bold cyan",
     "decoded": "italic",
     "rejected": "red strike",
@@ -66,6 +67,8 @@ class RunHeader(Static):
             t.append(f"  draft {state.draft} @ {state.draft_device}")
         t.append(f"  target {state.target or '-'} @ {state.target_device or '-'}")
         t.append(f"  {state.dtype}")
+        if state.temperature:
+            t.append(f"  {state.sampling_label}", "bold yellow")
         if state.strategy != "ar":
             t.append(f"  lookahead {state.lookahead}")
         t.append(f"  ● {status}", STATUS_STYLE.get(status.split()[0], "bold"))
@@ -175,7 +178,7 @@ class TokenStream(Static):
     def show(self, state: RunState, cursor: int | None) -> None:
         text = Text()
         for tok in state.tokens:
-            if tok.pos in state.rejected and tok.how == "correction":
+            if tok.pos in state.rejected and tok.how in ("correction", "resampled"):
                 text.append(visible_text(state.rejected[tok.pos][1]), STYLES["rejected"])
             style = STYLES.get(tok.how, "")
             if cursor == tok.pos:
@@ -208,6 +211,8 @@ class StatsPanel(Static):
         table.add_row("accepted / pass", "-" if s.mean_accepted_per_pass is None
                       else f"{s.mean_accepted_per_pass:.2f}")
         table.add_row("acceptance", pct(s.acceptance_rate))
+        if s.expected_acceptance is not None:
+            table.add_row("expected Σmin(p,q)", pct(s.expected_acceptance))
         table.add_row("rollbacks", f"{s.rollbacks}")
         table.add_row("wasted drafts", f"{s.wasted_draft_tokens}")
         for device, share in s.busy.items():
@@ -230,8 +235,10 @@ class Inspector(Static):
         head.append(f"position {tok.pos}  ", "bold")
         head.append(repr(tok.text), STYLES.get(tok.how, ""))
         head.append(f"  {tok.how}\n")
-        if tok.how == "correction" and tok.pos in state.rejected:
+        if tok.how in ("correction", "resampled") and tok.pos in state.rejected:
             head.append(f"draft proposed {state.rejected[tok.pos][1]!r}: rejected", "red")
+            if tok.how == "resampled":
+                head.append("; this token was drawn from the residual max(0, p − q)", "magenta")
         elif tok.how == "accepted":
             head.append("draft and target agreed", "green")
         elif tok.how == "bonus":
@@ -248,7 +255,29 @@ class Inspector(Static):
             table.add_row(_bar(draft_top[i]) if i < len(draft_top) else
                           Text("(no proposal)" if i == 0 else "", "grey50"),
                           _bar(tok.top[i]) if i < len(tok.top) else Text(""))
-        self.update(Group(head, table))
+        reason = why(state, tok)
+        self.update(Group(head, table) if reason is None else Group(head, reason, table))
+
+
+def why(state: RunState, tok) -> Text | None:
+    """Sampling: the verdict in numbers and words (p, q, min(1, p/q), the draw)."""
+    check = state.checks.get(tok.pos)
+    if check is None:
+        return None
+    p, q, a, u = check["p"], check["q"], check["accept_prob"], check["u"]
+    drafted = state.rejected.get(tok.pos, (tok.token_id, tok.text))[1]
+    line = Text(f"\ndraft token {drafted!r}: p = {p:.3f}, q = {q:.3f}, min(1, p/q) = {a:.3f}")
+    if check["overlap"] is not None:
+        line.append(f", Σmin(p,q) = {check['overlap']:.3f}", "grey50")
+    rejected = tok.pos in state.rejected and tok.how != "accepted"
+    if u is not None:
+        verdict = (f"rejected: u = {u:.2f} ≥ p/q = {a:.2f}" if rejected
+                   else f"accepted: u = {u:.2f} < p/q = {a:.2f}")
+    else:
+        verdict = ("rejected: the target's seeded sample differs" if rejected
+                   else "accepted: draft and target drew the same token with the same noise")
+    line.append(f"\n{verdict}", "red" if rejected else "green")
+    return line
 
 
 def _bar(candidate, width: int = BAR_CELLS) -> Text:

@@ -1,0 +1,209 @@
+"""Lossless sampling: the processed distributions, seeded noise per position, and the two
+verification rules (docs/protocol.md, "Sampling").
+
+- greedy (temperature 0): argmax of the logits, exactly the greedy path.
+- coupled (drafter-invariant, Daliri, Musco and Suresh 2024): one Gumbel vector g per position,
+  drawn from (seed, position). The target's token is argmax(log p + g); the draft proposes
+  argmax(log q + g) with the same g; verification is equality. The output is the target's own
+  seeded sample whatever the draft and the timing.
+- rejection (Leviathan et al. 2023, Chen et al. 2023): the draft samples x ~ q (its own noise
+  stream); the target accepts x with probability min(1, p(x)/q(x)), and at the first rejection
+  draws from the residual max(0, p - q), normalised; after a full match, a bonus from p.
+
+p and q are the distributions after temperature, top-k and top-p (`processed`). Noise comes
+from torch generators seeded by (seed, position, stream) and is drawn once per position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from amusd_viz.config import GREEDY, SamplingParams
+
+__all__ = ["GREEDY", "Sampler", "SamplingParams", "Verdict", "processed"]
+
+# Independent noise streams per position: the target's own choice (shared with a coupled draft),
+# a rejection-rule draft's proposal, the acceptance draw, and the residual draw.
+TARGET, DRAFT, ACCEPT, RESIDUAL = range(4)
+_MIX = 0x9E3779B97F4A7C15  # a 64-bit odd constant (golden ratio) spreads seeds apart
+_MASK = (1 << 63) - 1
+
+
+def processed(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, then top-k, then top-p (rows of a [n, vocab] tensor, or
+    one row). Top-p keeps the smallest head of the sorted distribution whose mass reaches p."""
+    x = logits.float() / params.temperature
+    if params.top_k and params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ahead of each one
+        drop = before >= params.top_p
+        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.softmax(x, dim=-1)
+
+
+def gumbel_argmax(probs: torch.Tensor, g: torch.Tensor) -> int:
+    """argmax(log probs + g): a sample from `probs` when g is standard Gumbel noise."""
+    return int(torch.argmax(torch.log(probs.double()) + g))
+
+
+@dataclass
+class Noise:
+    """Seeded noise, one draw per (position, stream), cached while the positions are live."""
+
+    seed: int
+    vocab: int
+    _gumbel: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def _generator(self, pos: int, stream: int) -> torch.Generator:
+        gen = torch.Generator()
+        gen.manual_seed(((self.seed * _MIX) ^ (pos * 0x100000001B3 + stream * 0x51ED27)) & _MASK)
+        return gen
+
+    def gumbel(self, pos: int, stream: int) -> torch.Tensor:
+        key = (pos, stream)
+        if key not in self._gumbel:
+            u = torch.rand(self.vocab, generator=self._generator(pos, stream), dtype=torch.float64)
+            u = u.clamp_(min=torch.finfo(torch.float64).tiny)
+            self._gumbel[key] = -torch.log(-torch.log(u))
+        return self._gumbel[key]
+
+    def uniform(self, pos: int, stream: int) -> float:
+        return float(torch.rand(1, generator=self._generator(pos, stream), dtype=torch.float64))
+
+    def forget_before(self, pos: int) -> None:
+        """Committed positions never come back: drop their noise (151k doubles a position)."""
+        for key in [k for k in self._gumbel if k[0] < pos]:
+            del self._gumbel[key]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One draft token under verification: why it was accepted or not."""
+
+    p: float  # the target's probability of the draft token
+    q: float  # the draft's probability of it
+    accept_prob: float  # min(1, p/q): the rejection rule's acceptance probability
+    u: float | None  # the rejection rule's draw (accepted when u < accept_prob)
+    overlap: float | None  # sum(min(p, q)) over the vocabulary: the rule's expected acceptance
+
+
+@dataclass
+class Verdict:
+    accepted: int
+    tokens: list[int]  # accepted drafts, then the target's own token
+    hows: list[str]
+    checks: list[Check]
+    probs: torch.Tensor | None = None  # sampling: p at each position of the pass
+
+
+def _pad(row: torch.Tensor, vocab: int) -> torch.Tensor:
+    if row.shape[-1] == vocab:
+        return row
+    out = torch.zeros(vocab, dtype=row.dtype)
+    n = min(vocab, row.shape[-1])
+    out[:n] = row[:n]
+    return out
+
+
+class Sampler:
+    """One worker's choices for one run: its own token at a position, a draft proposal, and
+    the verdict on a list of drafts. Greedy parameters give the plain argmax path."""
+
+    def __init__(self, params: SamplingParams, vocab: int) -> None:
+        self.params = params
+        self.noise = Noise(params.seed, vocab)
+        self.vocab = vocab
+
+    def own(self, logits_row: torch.Tensor, pos: int) -> tuple[int, torch.Tensor | None]:
+        """The target's token at `pos` (and its processed distribution when sampling)."""
+        if self.params.greedy:
+            return int(logits_row.argmax()), None
+        # a one-row batch: the same kernel path as a verify pass's rows, bit for bit
+        p = _pad(processed(logits_row.cpu()[None], self.params)[0], self.vocab)
+        return self._pick(p, pos), p
+
+    def _pick(self, p: torch.Tensor, pos: int) -> int:
+        return gumbel_argmax(p, self.noise.gumbel(pos, TARGET))
+
+    def propose(self, logits_row: torch.Tensor, pos: int) -> tuple[int, float, torch.Tensor | None]:
+        """The draft's token at `pos`, its probability q(x), and q (None when greedy)."""
+        if self.params.greedy:
+            token = int(logits_row.argmax())
+            return token, float(torch.softmax(logits_row.float(), -1)[token]), None
+        q = _pad(processed(logits_row.cpu()[None], self.params)[0], self.vocab)
+        stream = TARGET if self.params.acceptance == "coupled" else DRAFT
+        token = gumbel_argmax(q, self.noise.gumbel(pos, stream))
+        return token, float(q[token]), q
+
+    def verdict(self, logits: torch.Tensor, drafts: list[int], start_pos: int,
+                q_rows: list[torch.Tensor | None]) -> Verdict:
+        """Judge `drafts` (at positions start_pos, ...) against the target's logits rows (one
+        more row than drafts)."""
+        if self.params.greedy:
+            return _greedy_verdict(logits, drafts)
+        probs = processed(logits.cpu(), self.params)  # every row at once
+        if probs.shape[-1] != self.vocab:
+            probs = torch.stack([_pad(row, self.vocab) for row in probs])
+        checks: list[Check] = []
+        tokens: list[int] = []
+        for i, x in enumerate(drafts):
+            pos = start_pos + i
+            p = probs[i]
+            own = self._pick(p, pos)
+            q = q_rows[i] if i < len(q_rows) else None
+            check = _check(p, q, x, self.noise.uniform(pos, ACCEPT)
+                           if self.params.acceptance == "rejection" else None)
+            checks.append(check)
+            if self.params.acceptance == "coupled":
+                ok, replacement, how = x == own, own, "correction"
+            else:
+                assert check.u is not None
+                ok = check.u < check.accept_prob
+                replacement, how = self._residual(p, q, x, pos), "resampled"
+            if not ok:
+                tokens.append(replacement)
+                return Verdict(i, tokens, ["accepted"] * i + [how], checks, probs)
+            tokens.append(x)
+        bonus = self._pick(probs[len(drafts)], start_pos + len(drafts))
+        last = "bonus" if drafts else "decoded"
+        return Verdict(len(drafts), [*tokens, bonus], ["accepted"] * len(drafts) + [last], checks,
+                       probs)
+
+    def _residual(self, p: torch.Tensor, q: torch.Tensor | None, x: int, pos: int) -> int:
+        """A draw from max(0, p - q), normalised (q one-hot at x when the draft gave no q)."""
+        if q is None:
+            q = torch.zeros_like(p)
+            q[x] = 1.0
+        residual = torch.clamp(p - q, min=0.0)
+        if float(residual.sum()) <= 0.0:  # p == q: any rejection came from rounding; draw from p
+            residual = p
+        return gumbel_argmax(residual / residual.sum(), self.noise.gumbel(pos, RESIDUAL))
+
+
+def _check(p: torch.Tensor, q: torch.Tensor | None, x: int, u: float | None) -> Check:
+    px = float(p[x])
+    qx = float(q[x]) if q is not None else 1.0
+    overlap = float(torch.minimum(p, q).sum()) if q is not None else None
+    return Check(p=px, q=qx, accept_prob=min(1.0, px / qx) if qx > 0 else 1.0, u=u,
+                 overlap=overlap)
+
+
+def _greedy_verdict(logits: torch.Tensor, drafts: list[int]) -> Verdict:
+    """Accept the longest prefix of `drafts` matching the target's argmax, then add the
+    target's own token (a correction, or a bonus after a full match)."""
+    preds = logits.argmax(dim=-1).tolist()
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == preds[accepted]:
+        accepted += 1
+    if not drafts:
+        last = "decoded"
+    else:
+        last = "bonus" if accepted == len(drafts) else "correction"
+    return Verdict(accepted, [*drafts[:accepted], preds[accepted]],
+                   ["accepted"] * accepted + [last], [])
