@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from amusd_viz import stats as run_stats
 from amusd_viz.bench_report import print_report, require_matplotlib, write_outputs
-from amusd_viz.config import BenchConfig
+from amusd_viz.config import BenchConfig, EngineStrategy
 from amusd_viz.errors import UserError
 from amusd_viz.events import EventList, RunFinished
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from amusd_viz.engine.session import Engine
 
 # name -> (engine strategy, target device kind, uses the draft)
-KNOWN = {
+KNOWN: dict[str, tuple[EngineStrategy, str, bool]] = {
     "ar": ("ar", "all", False),
     "ar-1dev": ("ar", "one", False),
     "sync": ("sync", "all", True),
@@ -99,6 +99,7 @@ class Result:
     token_ids: list[int]
     mean_accepted_per_pass: float | None = None
     acceptance_rate: float | None = None
+    acceptance_per_check: float | None = None  # accepted / checked draft tokens
     expected_acceptance: float | None = None  # sampling: mean sum(min(p, q))
     busy: dict = field(default_factory=dict)
     overlap: float | None = None
@@ -173,6 +174,8 @@ def summarize(results: list[Result], names: list[str]) -> dict:
             acc = [r.mean_accepted_per_pass for r in mine if r.mean_accepted_per_pass is not None]
             rate = [r.acceptance_rate for r in mine if r.acceptance_rate is not None]
             expected = [r.expected_acceptance for r in mine if r.expected_acceptance is not None]
+            per_check = [r.acceptance_per_check for r in mine
+                         if r.acceptance_per_check is not None]
             busy: dict[str, list[float]] = {}
             for r in mine:
                 for dev, share in r.busy.items():
@@ -185,6 +188,8 @@ def summarize(results: list[Result], names: list[str]) -> dict:
                 "max_ms_per_token": round(max(ms), 2),
                 "mean_accepted_per_pass": round(statistics.mean(acc), 3) if acc else None,
                 "acceptance_rate": round(statistics.mean(rate), 3) if rate else None,
+                "acceptance_per_check": round(statistics.mean(per_check), 3) if per_check
+                else None,
                 "expected_acceptance": round(statistics.mean(expected), 3) if expected else None,
                 "busy": {d: round(median(v), 3) for d, v in busy.items()},
                 "both_busy": round(median(overlap), 3) if overlap else None,
@@ -209,7 +214,7 @@ class PlannedRun:
     lookahead: int
 
     @property
-    def engine_strategy(self) -> str:
+    def engine_strategy(self) -> EngineStrategy:
         return KNOWN[self.name][0]
 
 
@@ -255,7 +260,8 @@ def _result(name: str, prompt: Prompt, repeat: int, gen, events) -> Result:
         new_tokens=len(gen.token_ids), wall_s=gen.wall_s,
         ms_per_token=s.ms_per_token if s.ms_per_token is not None else 1000 * gen.wall_s,
         token_ids=gen.token_ids, mean_accepted_per_pass=s.mean_accepted_per_pass,
-        acceptance_rate=s.acceptance_rate, expected_acceptance=s.expected_acceptance,
+        acceptance_rate=s.acceptance_rate, acceptance_per_check=s.acceptance_per_check,
+        expected_acceptance=s.expected_acceptance,
         busy=s.busy, overlap=s.overlap,
         curve=[e.t - gen.start_t for e in commits],
         tops=[[c.p for c in e.top[:2]] for e in commits] if name == "ar" else [])

@@ -27,7 +27,8 @@ def summary_table(summary: dict, title: str | None = None) -> Table:
     table = Table(title=title, title_justify="left", box=None, pad_edge=False)
     for header, justify in (("strategy", "left"), ("ms/token", "right"), ("min-max", "right"),
                             ("vs ar", "right"), ("vs sync", "right"), ("acc/pass", "right"),
-                            ("accept", "right"), ("Σmin(p,q)", "right"), ("busy", "left")):
+                            ("accept", "right"), ("per check", "right"), ("Σmin(p,q)", "right"),
+                            ("busy", "left")):
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for name, row in summary.items():
         busy = " ".join(f"{d.split('@')[0][0]}{100 * v:.0f}%" for d, v in row["busy"].items())
@@ -36,7 +37,8 @@ def summary_table(summary: dict, title: str | None = None) -> Table:
                       f"{row['min_ms_per_token']:.0f}-{row['max_ms_per_token']:.0f}",
                       _speedup(row["speedup_vs_ar"]), _speedup(row["speedup_vs_sync"]),
                       "-" if acc is None else f"{acc:.2f}", _pct(row["acceptance_rate"]),
-                      _pct(row.get("expected_acceptance")), busy or "-")
+                      _pct(row.get("acceptance_per_check")), _pct(row.get("expected_acceptance")),
+                      busy or "-")
     return table
 
 
@@ -53,7 +55,8 @@ def terminal_chart(summary: dict) -> str:
 def print_report(report: dict, console: Console | None = None) -> list[dict]:
     """Print the tables (by kind only where there is more than one kind), the lossless verdicts
     and a bar chart; returns the verdicts that DIFFER (a bug)."""
-    console = console or Console(soft_wrap=True)
+    # piped into a file, rich would fold the table to 80 columns
+    console = console or Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     console.print(summary_table(report["summary"], "all prompts"))
     if len(report["by_kind"]) > 1:
         for kind, block in report["by_kind"].items():

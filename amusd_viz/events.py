@@ -10,6 +10,8 @@ from typing import Annotated, Literal, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from amusd_viz.config import EngineStrategy
+
 # 2: sampling (run_started's settings, draft_proposed.q, verify_result's checks, `resampled`).
 # Version 1 logs still read: every new field has a default.
 SCHEMA_VERSION = 2
@@ -52,7 +54,7 @@ class Header(BaseModel):
 
 class RunStarted(_Event):
     type: Literal["run_started"] = "run_started"
-    strategy: str
+    strategy: EngineStrategy
     draft: str | None
     target: str
     draft_device: str | None

@@ -21,6 +21,9 @@ class RunStats:
     mean_accepted_per_pass: float | None = None  # draft tokens accepted per verify pass
     mean_committed_per_pass: float | None = None  # tokens committed per target pass
     acceptance_rate: float | None = None  # accepted / proposed, over verified draft tokens
+    # accepted / checked: a pass checks its drafts up to the first rejection, and the tokens after
+    # it are dropped unseen; this is the per-token acceptance that sum(min(p, q)) predicts
+    acceptance_per_check: float | None = None
     # sampling: the mean over checked draft tokens of sum(min(p, q)), the acceptance the
     # rejection rule achieves on average (the best any rule can); None when greedy
     expected_acceptance: float | None = None
@@ -72,7 +75,7 @@ class _Tally:
         self.s = RunStats()
         self.start_t: float | None = None
         self.end_t: float | None = None
-        self.proposed = self.accepted = 0
+        self.proposed = self.accepted = self.checked = 0
         self.reached: Counter[int] = Counter()  # verify passes that reached draft position i
         self.passed: Counter[int] = Counter()  # ... and accepted it
         self.committed_per_pass: list[int] = []
@@ -116,6 +119,7 @@ class _Tally:
         self.overlaps.extend(getattr(e, "overlap", []))
         self.proposed += len(e.proposed)
         self.accepted += e.accepted
+        self.checked += min(len(e.proposed), e.accepted + 1)
         s.accepted_histogram[e.accepted] = s.accepted_histogram.get(e.accepted, 0) + 1
         for i in range(min(e.accepted + 1, len(e.proposed))):
             self.reached[i] += 1
@@ -127,6 +131,7 @@ class _Tally:
         if s.verify_passes:
             s.mean_accepted_per_pass = self.accepted / s.verify_passes
             s.acceptance_rate = self.accepted / self.proposed if self.proposed else None
+            s.acceptance_per_check = self.accepted / self.checked if self.checked else None
             s.acceptance_by_position = [self.passed[i] / self.reached[i]
                                         for i in sorted(self.reached)]
         if self.overlaps:
@@ -190,6 +195,7 @@ def format_stats(s: RunStats) -> str:
         f"mean accepted / pass   {num(s.mean_accepted_per_pass)}",
         f"mean committed / pass  {num(s.mean_committed_per_pass)}",
         f"acceptance rate        {pct(s.acceptance_rate)}",
+        f"acceptance per check   {pct(s.acceptance_per_check)}",
         f"expected (sum min p,q) {pct(s.expected_acceptance)}",
         "acceptance by position " + (" ".join(f"{i}:{pct(r)}" for i, r in
                                                enumerate(s.acceptance_by_position)) or "-"),

@@ -69,6 +69,11 @@ class RunSummary(BaseModel):
 
     @computed_field  # type: ignore[prop-decorator]
     @property
+    def acceptance_per_check(self) -> float | None:
+        return self.stats.acceptance_per_check
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
     def expected_acceptance(self) -> float | None:
         return self.stats.expected_acceptance
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,17 @@ def headless(strategy: str, max_new: int, folder: Path) -> float:
     return json.loads(summary.read_text())["wall_s"]
 
 
-def in_tmux(strategy: str, max_new: int, folder: Path) -> float:
+def cpu_seconds(stat_path: str) -> float:
+    """utime + stime of a process or thread, from /proc (clock ticks of 1/100 s)."""
+    try:
+        fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def in_tmux(strategy: str, max_new: int, folder: Path) -> tuple[float, float, float]:
+    """(wall_s of the run, CPU seconds of the app's drawing thread, of the tmux server)."""
     summary = folder / "tui.json"
     summary.unlink(missing_ok=True)
     sock = str(folder / "tmux.sock")
@@ -46,11 +57,15 @@ def in_tmux(strategy: str, max_new: int, folder: Path) -> float:
         while not (summary.exists() and summary.stat().st_size) and time.monotonic() < deadline:
             time.sleep(0.5)
         time.sleep(0.5)
+        pane = subprocess.run(["tmux", "-S", sock, "display", "-p", "-t", "ui", "#{pane_pid} #{pid}"],
+                              capture_output=True, text=True).stdout.split()
+        app_cpu = cpu_seconds(f"/proc/{pane[0]}/task/{pane[0]}/stat") if pane else 0.0
+        tmux_cpu = cpu_seconds(f"/proc/{pane[1]}/stat") if len(pane) > 1 else 0.0
         subprocess.run(["tmux", "-S", sock, "send-keys", "-t", "ui", "q"], check=False)
         time.sleep(2)
     finally:
         subprocess.run(["tmux", "-S", sock, "kill-server"], check=False, capture_output=True)
-    return json.loads(summary.read_text())["wall_s"]
+    return json.loads(summary.read_text())["wall_s"], app_cpu, tmux_cpu
 
 
 def main() -> None:
@@ -64,10 +79,11 @@ def main() -> None:
         folder = Path(tmp)
         for i in range(args.rounds):
             a = headless(args.strategy, args.max_new_tokens, folder)
-            b = in_tmux(args.strategy, args.max_new_tokens, folder)
+            b, app_cpu, tmux_cpu = in_tmux(args.strategy, args.max_new_tokens, folder)
             ratios.append(b / a)
-            print(f"round {i + 1}: headless {a:.2f} s, TUI {b:.2f} s, ratio {b / a:.3f}",
-                  flush=True)
+            print(f"round {i + 1}: headless {a:.2f} s, TUI {b:.2f} s, ratio {b / a:.3f}; "
+                  f"CPU over the whole session (loading included): drawing thread "
+                  f"{app_cpu:.2f} s, tmux {tmux_cpu:.2f} s", flush=True)
     print(f"median TUI/headless ratio over {args.rounds} rounds: {statistics.median(ratios):.3f}")
 
 

@@ -159,3 +159,16 @@ def test_stalled_target_is_treated_as_lost(tiny_models):
     finally:
         engine.close()
     assert _wait_gone(engine.pids().values()) == []
+
+
+def test_killing_the_coordinator_takes_its_workers_with_it(tiny_models, tmp_path):
+    """SIGKILL leaves the coordinator no chance to clean up: the workers must still go (they
+    asked Linux to kill them when their parent dies)."""
+    events = tmp_path / "run.jsonl"
+    proc = subprocess.Popen(cli(tiny_models, "--events", str(events), "--max-new-tokens", "5000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = worker_pids(events)
+    time.sleep(0.5)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert _wait_gone(pids.values(), timeout=5) == []

@@ -206,9 +206,8 @@ def run_sync(target, draft, seed: int, rule: str) -> tuple[int, ...]:
     return tuple(sync_loop(request(seed, rule), target, draft, "cpu", lambda e: None).token_ids)
 
 
-class SlowTarget:
-    """The target runner with SLOW_TARGET_S more per pass (see SLOW_TARGET_S); counts the
-    passes that verified drafts."""
+class CountingTarget:
+    """The target runner, counting the passes that verified drafts."""
 
     def __init__(self, runner) -> None:
         self.runner, self.verified = runner, 0
@@ -217,11 +216,29 @@ class SlowTarget:
         return getattr(self.runner, name)
 
     def forward(self, seq, n_logits=1):
-        import time
-
-        time.sleep(SLOW_TARGET_S / 3)
         self.verified += n_logits > 1
         return self.runner.forward(seq, n_logits)
+
+
+def waiting_shared(vocab: int):
+    """A real SharedState whose target side waits (up to 50 ms) for the drafts it may verify:
+    with tiny models in two threads of one process, the target would otherwise decode alone
+    before the draft thread gets the interpreter, and no rule would be exercised."""
+    import multiprocessing as mp
+    import time
+
+    from amusd_viz.engine.shared import SharedState
+
+    class WaitingShared(SharedState):
+        def read_drafts(self, committed, n_prompt, limit):
+            deadline = time.monotonic() + 0.05
+            while True:
+                drafts = super().read_drafts(committed, n_prompt, limit)
+                if len(drafts) >= limit or time.monotonic() > deadline:
+                    return drafts
+                time.sleep(0.0002)
+
+    return WaitingShared(mp.get_context("spawn"), 256, vocab=vocab)
 
 
 def run_amusd(target, draft, seed: int, rule: str, shared) -> tuple[int, ...]:
@@ -247,11 +264,7 @@ def exact(runners):
 
 @pytest.fixture(scope="module")
 def shared(runners):
-    import multiprocessing as mp
-
-    from amusd_viz.engine.shared import SharedState
-
-    return SharedState(mp.get_context("spawn"), 256, vocab=runners[0].vocab)
+    return waiting_shared(runners[0].vocab)
 
 
 def test_ar_samples_the_target_distribution(runners, exact):
@@ -270,9 +283,9 @@ def test_rejection_sampling_keeps_the_target_distribution(runners, exact, shared
     if strategy == "sync":
         counts = empirical(lambda seed: run_sync(target, draft, seed, "rejection"))
     else:
-        slow = SlowTarget(target)
-        counts = empirical(lambda seed: run_amusd(slow, draft, seed, "rejection", shared))
-        assert slow.verified > DRAWS / 2  # most runs verified a draft: the rule was exercised
+        counting = CountingTarget(target)
+        counts = empirical(lambda seed: run_amusd(counting, draft, seed, "rejection", shared))
+        assert counting.verified > DRAWS / 2  # most runs verified a draft: the rule was exercised
     assert tv(counts, exact, DRAWS) < tv_bound(len(exact), DRAWS), tv(counts, exact, DRAWS)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from amusd_viz import stats
-from amusd_viz.config import RunConfig
+from amusd_viz.config import EngineStrategy, RunConfig
 from amusd_viz.engine.seq import common_prefix
 from amusd_viz.engine.session import Engine, EngineConfig, Generation
 from amusd_viz.errors import UserError
@@ -63,7 +63,8 @@ class Prepared:
                 f"exceeds the target's context of {self.max_context} tokens. Shorten the prompt "
                 "or lower --max-new-tokens.")
 
-    def engine_config(self, cfg: RunConfig, strategy: str | None = None) -> EngineConfig:
+    def engine_config(self, cfg: RunConfig,
+                      strategy: EngineStrategy | None = None) -> EngineConfig:
         """The engine's settings for a resolved run (`strategy`: a bench baseline instead)."""
         strategy = strategy or cfg.strategy
         return EngineConfig(strategy=strategy, target_src=self.target_src,

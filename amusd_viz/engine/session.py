@@ -15,7 +15,7 @@ from typing import Any
 
 from typing_extensions import Self
 
-from amusd_viz.config import GREEDY, SamplingParams, draft_runs_with_target
+from amusd_viz.config import GREEDY, EngineStrategy, SamplingParams, draft_runs_with_target
 from amusd_viz.engine.loops import Outcome, Request
 from amusd_viz.engine.messages import Done, Failed, Ready, RunRequest
 from amusd_viz.engine.shared import SharedState
@@ -37,7 +37,7 @@ class EngineConfig:
     """What the engine's workers need: resolved model sources and devices (built from a
     RunConfig by `Prepared.engine_config`; tests build it directly)."""
 
-    strategy: str
+    strategy: EngineStrategy
     target_src: str
     draft_src: str | None
     target_device: str

@@ -212,6 +212,7 @@ class StatsPanel(Static):
                       else f"{s.mean_accepted_per_pass:.2f}")
         table.add_row("acceptance", pct(s.acceptance_rate))
         if s.expected_acceptance is not None:
+            table.add_row("per checked token", pct(s.acceptance_per_check))
             table.add_row("expected Σmin(p,q)", pct(s.expected_acceptance))
         table.add_row("rollbacks", f"{s.rollbacks}")
         table.add_row("wasted drafts", f"{s.wasted_draft_tokens}")

@@ -1,0 +1,67 @@
+"""The identity tests can fail: known engine bugs, patched in, make `sync` differ from `ar` on
+tiny float32 models (the loops run in this process, so a patch reaches them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amusd_viz.engine import sampling
+from amusd_viz.engine.loops import Request, ar_loop, sync_loop
+from amusd_viz.engine.runner import Runner
+
+PROMPTS = ([11, 12, 13], [40, 41], [5, 6, 7, 8, 9], [70])
+
+
+@pytest.fixture(scope="module")
+def runners(tiny_models):
+    from amusd_viz.engine.worker import _load
+
+    torch.set_num_threads(1)
+    target = _load(str(tiny_models["target"]), "float32", "cpu", pack=False)
+    draft = _load(str(tiny_models["draft_near"]), "float32", "cpu", target.tokenizer, pack=False)
+    return target, draft
+
+
+def identical_everywhere(target, draft) -> bool:
+    for prompt in PROMPTS:
+        req = Request(prompt, 24, 4, frozenset(), 0)
+        ar = ar_loop(req, target, "cpu", lambda e: None).token_ids
+        sync = sync_loop(req, target, draft, "cpu", lambda e: None).token_ids
+        if ar != sync:
+            return False
+    return True
+
+
+def test_the_unbroken_engine_passes(runners):
+    assert identical_everywhere(*runners)
+
+
+def _crop_keeps_one_too_many(monkeypatch):
+    original = Runner.crop
+
+    def crop(self, keep):
+        original(self, min(len(self.ids), keep + 1))
+
+    monkeypatch.setattr(Runner, "crop", crop)
+
+
+def _verify_accepts_one_more(monkeypatch):
+    original = sampling._greedy_verdict
+
+    def verdict(logits, drafts):
+        v = original(logits, drafts)
+        if v.accepted < len(drafts):  # take the rejected draft token as if it had matched
+            i = v.accepted
+            return sampling.Verdict(i + 1, [*drafts[:i + 1], int(logits[i + 1].argmax())],
+                                    ["accepted"] * (i + 1) + ["correction"], [])
+        return v
+
+    monkeypatch.setattr(sampling, "_greedy_verdict", verdict)
+
+
+@pytest.mark.parametrize("mutation", [_crop_keeps_one_too_many, _verify_accepts_one_more],
+                         ids=["crop-off-by-one", "verify-off-by-one"])
+def test_a_broken_engine_fails_the_identity_check(runners, monkeypatch, mutation):
+    mutation(monkeypatch)
+    assert not identical_everywhere(*runners)
