@@ -89,3 +89,25 @@ def test_corrupted_log_exit_2_naming_the_line(tmp_path, capsys):
                     ["replay", str(bad)]):
         assert main(command) == 2
         assert "bad.jsonl:6" in capsys.readouterr().err
+
+
+def test_acceptance_per_check_and_expected_acceptance_by_hand():
+    """Two passes: 4 drafts with 2 accepted (3 checked: the third was rejected, the fourth never
+    looked at), and 2 drafts both accepted (2 checked). accepted/proposed = 4/6, accepted/checked
+    = 4/5; the expected acceptance is the mean of the five overlaps."""
+    from amusd_viz.events import VerifyResult
+    from amusd_viz.stats import compute
+
+    events = [
+        VerifyResult(t=1.0, start_pos=0, proposed=[5, 6, 7, 8], accepted=2, committed=[5, 6, 9],
+                     p=[0.9, 0.8, 0.1], q=[0.9, 0.7, 0.6], accept_prob=[1.0, 1.0, 0.1 / 0.6],
+                     u=[0.5, 0.5, 0.9], overlap=[0.9, 0.8, 0.4]),
+        VerifyResult(t=2.0, start_pos=3, proposed=[1, 2], accepted=2, committed=[1, 2, 3],
+                     p=[0.5, 0.5], q=[0.5, 0.5], accept_prob=[1.0, 1.0], u=[0.1, 0.2],
+                     overlap=[1.0, 0.9]),
+    ]
+    s = compute(events)
+    assert s.acceptance_rate == 4 / 6
+    assert s.acceptance_per_check == 4 / 5
+    assert abs(s.expected_acceptance - (0.9 + 0.8 + 0.4 + 1.0 + 0.9) / 5) < 1e-12
+    assert s.acceptance_by_position == [1.0, 1.0, 0.0]  # position 2 reached once, rejected

@@ -324,8 +324,9 @@ def _hf_sampling(req: Request) -> dict:
     import torch
 
     torch.manual_seed(params.seed)
+    # top_k 0 switches transformers' top-k off (None would fall back to its default of 50)
     return {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p,
-            "top_k": params.top_k or None}
+            "top_k": params.top_k}
 
 
 def hf_loop(req: Request, target: Runner, draft: Runner | None, device: str, emit: Emit) -> Outcome:
