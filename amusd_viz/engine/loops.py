@@ -153,8 +153,10 @@ def propose(req: Request, draft: Runner, sampler: Sampler, logits_row, pos: int,
     """The draft's token at `pos`; emits draft_proposed with q(x). Returns (token, q row)."""
     token, q_x, q = sampler.propose(logits_row, pos)
     top = draft.top(logits_row) if q is None else draft.top_of_probs(q)
+    if q_x is None:  # greedy: the argmax heads the top-5 (one softmax per step, not two)
+        q_x = next((c["p"] for c in top if c["id"] == token), None)
     emit(DraftProposed(t=_secs(req, end), pos=pos, token_id=token, text=draft.text(token),
-                       top=top, q=round(q_x, 6)))
+                       top=top, q=None if q_x is None else round(q_x, 6)))
     return token, q
 
 

@@ -131,11 +131,12 @@ class Sampler:
     def _pick(self, p: torch.Tensor, pos: int) -> int:
         return gumbel_argmax(p, self.noise.gumbel(pos, TARGET))
 
-    def propose(self, logits_row: torch.Tensor, pos: int) -> tuple[int, float, torch.Tensor | None]:
-        """The draft's token at `pos`, its probability q(x), and q (None when greedy)."""
+    def propose(self, logits_row: torch.Tensor,
+                pos: int) -> tuple[int, float | None, torch.Tensor | None]:
+        """The draft's token at `pos`, its probability q(x), and q. Greedy: the argmax, with
+        q(x) and q left to the caller (its top-5 already holds q(x))."""
         if self.params.greedy:
-            token = int(logits_row.argmax())
-            return token, float(torch.softmax(logits_row.float(), -1)[token]), None
+            return int(logits_row.argmax()), None, None
         q = _pad(processed(logits_row.cpu()[None], self.params)[0], self.vocab)
         stream = TARGET if self.params.acceptance == "coupled" else DRAFT
         token = gumbel_argmax(q, self.noise.gumbel(pos, stream))
