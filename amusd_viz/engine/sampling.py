@@ -156,18 +156,23 @@ class Sampler:
         for i, x in enumerate(drafts):
             pos = start_pos + i
             p = probs[i]
-            own = self._pick(p, pos)
             q = q_rows[i] if i < len(q_rows) else None
-            check = _check(p, q, x, self.noise.uniform(pos, ACCEPT)
-                           if self.params.acceptance == "rejection" else None)
+            coupled = self.params.acceptance == "coupled"
+            check = _check(p, q, x, None if coupled else self.noise.uniform(pos, ACCEPT))
             checks.append(check)
-            if self.params.acceptance == "coupled":
+            # each rule draws only the noise it needs: a target sample (coupled), or a residual
+            # sample once a draft is rejected (rejection); every (position, stream) has its own
+            # generator, so skipping one draw changes no other
+            if coupled:
+                own = self._pick(p, pos)
                 ok, replacement, how = x == own, own, "correction"
             else:
                 assert check.u is not None
                 ok = check.u < check.accept_prob
-                replacement, how = self._residual(p, q, x, pos), "resampled"
+                replacement, how = -1, "resampled"
             if not ok:
+                if not coupled:
+                    replacement = self._residual(p, q, x, pos)
                 tokens.append(replacement)
                 return Verdict(i, tokens, ["accepted"] * i + [how], checks, probs)
             tokens.append(x)
