@@ -9,7 +9,6 @@ tokens are compared with `ar`'s.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from amusd_viz import lossless
 from amusd_viz import stats as run_stats
 from amusd_viz.bench_report import print_report, require_matplotlib, write_outputs
 from amusd_viz.config import BenchConfig, EngineStrategy
@@ -104,7 +104,7 @@ class Result:
     busy: dict = field(default_factory=dict)
     overlap: float | None = None
     curve: list[float] = field(default_factory=list)  # seconds at each committed token
-    tops: list = field(default_factory=list)  # target top-2 per position (ar only)
+    tops: list = field(default_factory=list)  # target top-2 ids and logits per position (ar)
 
 
 def devices_for(kind: str, gpus: int, cores: list[int]) -> tuple[str, str]:
@@ -137,9 +137,11 @@ def _checked_for_identity(strategy: str, rule: str) -> bool:
     return rule == "coupled" and not strategy.startswith("hf-")
 
 
-def compare_with_ar(results: list[Result], dtype: str, rule: str = "greedy") -> list[dict]:
-    """identical / near-tie (the target's own top-2 were within bf16 rounding at the first
-    difference) / parted (a sampled bf16 run: rounding can flip a perturbed near-tie) /
+def compare_with_ar(results: list[Result], dtype: str, rule: str = "greedy",
+                    device: str = "cpu") -> list[dict]:
+    """identical / near-tie (the diverging token is `ar`'s runner-up there and the top-2 logits
+    are within a few ulps: amusd_viz/lossless.py) / parted (a sampled run outside the exact
+    mode: rounding can flip a perturbed near-tie, and the perturbed scores are not logged) /
     differs (a bug)."""
     ar = {(r.prompt_id, r.repeat): r for r in results if r.strategy == "ar"}
     verdicts = []
@@ -148,18 +150,20 @@ def compare_with_ar(results: list[Result], dtype: str, rule: str = "greedy") -> 
         if r.strategy == "ar" or ref is None or not _checked_for_identity(r.strategy, rule):
             continue
         pos = _first_difference(r.token_ids, ref.token_ids)
+        top = lossless.top_two(ref.tops[pos]) if pos is not None and pos < len(ref.tops) else None
         if pos is None:
-            verdict, gap = "identical", None
+            verdict = "identical"
+        elif rule != "greedy" and not lossless.exact(dtype, device):
+            verdict = "parted"
+        elif pos < len(r.token_ids) and lossless.is_near_tie(r.token_ids[pos], top, dtype, device):
+            verdict = "near-tie"
         else:
-            top = ref.tops[pos] if pos < len(ref.tops) else []
-            gap = math.log(top[0] / top[1]) if len(top) >= 2 and top[1] > 0 else None
-            near = dtype != "float32" and gap is not None and gap < 0.5
-            verdict = "near-tie" if near else "differs"
-            if rule != "greedy" and dtype != "float32":
-                verdict = "parted"
+            verdict = "differs"
         verdicts.append({"strategy": r.strategy, "prompt": r.prompt_id, "repeat": r.repeat,
                          "verdict": verdict, "first_difference": pos,
-                         "top2_logit_gap": None if gap is None else round(gap, 4)})
+                         "top2_logit_gap": None if top is None else round(top.gap, 4),
+                         "tolerance": None if top is None or lossless.exact(dtype, device)
+                         else round(lossless.tolerance(top, dtype), 4)})
     return verdicts
 
 
@@ -264,7 +268,8 @@ def _result(name: str, prompt: Prompt, repeat: int, gen, events) -> Result:
         expected_acceptance=s.expected_acceptance,
         busy=s.busy, overlap=s.overlap,
         curve=[e.t - gen.start_t for e in commits],
-        tops=[[c.p for c in e.top[:2]] for e in commits] if name == "ar" else [])
+        tops=[[{"id": c.id, "logit": c.logit} for c in e.top[:2]] for e in commits]
+        if name == "ar" else [])
 
 
 def _window_stats(events, gen) -> run_stats.RunStats:
@@ -377,7 +382,8 @@ def build_report(results: list[Result], plan: BenchPlan, prepared, interrupted: 
     return {
         "summary": overall["overall"],
         "by_kind": overall["by_kind"],
-        "lossless": compare_with_ar(results, cfg.run.dtype, cfg.run.acceptance_rule),
+        "lossless": compare_with_ar(results, cfg.run.dtype, cfg.run.acceptance_rule,
+                                    "cuda" if plan.gpus else "cpu"),
         "settings": {"draft": prepared.draft, "target": prepared.target, "dtype": cfg.run.dtype,
                      "max_new_tokens": cfg.run.max_new_tokens, "lookahead": list(cfg.lookaheads),
                      "repeats": cfg.repeats, "prompts": len(plan.prompts),

@@ -36,6 +36,7 @@ class Candidate(BaseModel):
     id: int
     text: str
     p: float
+    logit: float | None = None  # the raw logit (greedy target and draft tops)
 
 
 class Header(BaseModel):

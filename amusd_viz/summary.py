@@ -6,15 +6,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
+from amusd_viz import lossless
 from amusd_viz.stats import RunStats
-
-
-def lossless_note(dtype: str) -> str | None:
-    if dtype == "float32":
-        return None
-    return (f"{dtype}: exact greedy equality with the target alone holds up to numeric near-ties "
-            "(one- and multi-token passes round differently); use --dtype float32 for bit-exact "
-            "comparisons")
 
 
 def _round(x: float | None, digits: int) -> float | None:
@@ -80,7 +73,7 @@ class RunSummary(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def lossless_note(self) -> str | None:
-        return lossless_note(self.dtype)
+        return lossless.note(self.dtype, self.target_device)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

@@ -46,6 +46,18 @@ def _crop_keeps_one_too_many(monkeypatch):
     monkeypatch.setattr(Runner, "crop", crop)
 
 
+def _rollback_forgets_one_token(monkeypatch):
+    """The cache drops one token more than `ids` says: the next pass runs without it."""
+
+    def crop(self, keep):
+        drop = len(self.ids) - keep
+        if drop > 0:
+            self.cache.crop(-(drop + 1))
+            del self.ids[keep:]
+
+    monkeypatch.setattr(Runner, "crop", crop)
+
+
 def _verify_accepts_one_more(monkeypatch):
     original = sampling._greedy_verdict
 
@@ -60,8 +72,9 @@ def _verify_accepts_one_more(monkeypatch):
     monkeypatch.setattr(sampling, "_greedy_verdict", verdict)
 
 
-@pytest.mark.parametrize("mutation", [_crop_keeps_one_too_many, _verify_accepts_one_more],
-                         ids=["crop-off-by-one", "verify-off-by-one"])
+@pytest.mark.parametrize("mutation", [_crop_keeps_one_too_many, _rollback_forgets_one_token,
+                                      _verify_accepts_one_more],
+                         ids=["crop-off-by-one", "rollback-forgets-a-token", "verify-off-by-one"])
 def test_a_broken_engine_fails_the_identity_check(runners, monkeypatch, mutation):
     mutation(monkeypatch)
     assert not identical_everywhere(*runners)

@@ -78,6 +78,10 @@ def test_killing_the_draft_keeps_every_token(tiny_models, tmp_path):
     commits = [e.pos for e in log.events if e.type == "token_committed"]
     assert commits == list(range(400))
     assert _wait_gone(pids.values()) == []
+    # the target decoded alone after the loss: the text is still the target's own
+    ar = subprocess.run(cli(tiny_models, "--strategy", "ar", "--max-new-tokens", "400"),
+                        capture_output=True, text=True, timeout=120)
+    assert summary["token_ids"] == json.loads(ar.stdout)["token_ids"]
 
 
 def test_killing_the_target_ends_the_run_with_an_error(tiny_models, tmp_path):

@@ -184,6 +184,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _assert_all_gone(pids) -> None:
+    import time
+
+    deadline = time.monotonic() + 4
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [p for p in pids if _alive(p)]
+    assert not survivors, f"workers {survivors} survived quitting"
+
+
+def _worker_pids(app) -> list[int]:
+    return [e.pid for e in app.state.events if e.type == "worker_ready"]
+
+
 async def test_live_run_rerun_and_quit_leave_no_worker(tiny_models):
     app, source = live_app(tiny_models)
     async with app.run_test(size=SIZE) as pilot:
@@ -197,15 +211,9 @@ async def test_live_run_rerun_and_quit_leave_no_worker(tiny_models):
         await pilot.press("2")
         await _wait_for(pilot, lambda: (app.state.strategy == "sync" and app.state.status == "generating")
                         or (app.state.strategy == "sync" and app.state.status == "done"))
-        running = [e.pid for e in app.state.events if e.type == "worker_ready"]
+        running = _worker_pids(app)
         await pilot.press("q")
-    for pid in pids + running:
-        for _ in range(40):
-            if not _alive(pid):
-                break
-            import time
-            time.sleep(0.1)
-        assert not _alive(pid), f"worker {pid} survived quitting"
+    _assert_all_gone(pids + running)
 
 
 async def test_live_draft_crash_is_shown_and_the_run_completes(tiny_models):
@@ -215,7 +223,10 @@ async def test_live_draft_crash_is_shown_and_the_run_completes(tiny_models):
         assert app.state.status == "done" and len(app.state.tokens) == 30
         assert app.state.lost == ["draft"]
         assert "draft worker lost" in plain(app.query_one(RunHeader))
+        pids = _worker_pids(app)
+        assert len(pids) == 2
         await pilot.press("q")
+    _assert_all_gone(pids)
 
 
 async def test_live_target_crash_shows_the_error_without_hanging(tiny_models):
@@ -223,8 +234,11 @@ async def test_live_target_crash_shows_the_error_without_hanging(tiny_models):
     async with app.run_test(size=SIZE) as pilot:
         await _wait_for(pilot, lambda: app.state.status == "error")
         assert "target worker" in plain(app.query_one(RunHeader))
+        pids = _worker_pids(app)
+        assert len(pids) == 2
         await pilot.press("q")
     assert source.exit_code == 1
+    _assert_all_gone(pids)  # the draft too, though only the target died
 
 
 async def test_a_sampled_live_run_explains_each_verdict(tiny_models):

@@ -98,8 +98,11 @@ class Runner:
         return int(self.model.config.vocab_size)
 
     def top(self, logits_row: torch.Tensor) -> list[dict]:
-        """The top candidates at one position, with probabilities."""
-        return self.top_of_probs(torch.softmax(logits_row, dim=-1))
+        """The top candidates at one position, with probabilities and raw logits (the bench's
+        near-tie rule needs the logits: amusd_viz/lossless.py)."""
+        top = self.top_of_probs(torch.softmax(logits_row.float(), dim=-1))
+        logits = logits_row[[c["id"] for c in top]].float().tolist()
+        return [{**c, "logit": round(x, 5)} for c, x in zip(top, logits, strict=True)]
 
     def top_of_probs(self, probs: torch.Tensor) -> list[dict]:
         """The top candidates of a distribution (a sampler's p or q)."""
