@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from amusd_viz import lossless
 from amusd_viz import stats as run_stats
 from amusd_viz.bench_report import print_report, require_matplotlib, write_outputs
-from amusd_viz.config import BenchConfig, EngineStrategy
+from amusd_viz.config import DEFAULT_NGRAM_N, BenchConfig, EngineStrategy
 from amusd_viz.errors import UserError
 from amusd_viz.events import EventList, RunFinished
 
@@ -35,7 +35,12 @@ KNOWN: dict[str, tuple[EngineStrategy, str, bool]] = {
     "amusd": ("amusd", "two", True),
     "hf-generate": ("hf-generate", "all", False),
     "hf-assisted": ("hf-assisted", "all", True),
+    # the model-free drafter beside the model draft (a lookup needs no core of its own)
+    "sync-ngram": ("sync", "all", True),
+    "amusd-ngram": ("amusd", "all", True),
+    "hf-lookup": ("hf-assisted", "all", True),
 }
+NGRAM_RUNS = {"sync-ngram", "amusd-ngram", "hf-lookup"}  # these draft with `ngram`
 DESCRIPTIONS = {
     "ar": "target alone, all cores / its GPU (the strongest plain baseline)",
     "ar-1dev": "target alone on one device (the paper's baseline)",
@@ -44,6 +49,9 @@ DESCRIPTIONS = {
     "amusd": "asynchronous: draft and target on two devices at once",
     "hf-generate": "plain transformers generate(), all cores",
     "hf-assisted": "transformers assisted generation with the same draft",
+    "sync-ngram": "speculative decoding with the n-gram (prompt lookup) drafter, all cores",
+    "amusd-ngram": "asynchronous, n-gram drafter in its own process, target on all cores",
+    "hf-lookup": "transformers prompt lookup decoding (the same idea, its own code)",
 }
 
 
@@ -291,13 +299,19 @@ class _Runner:
         from amusd_viz.config import draft_runs_with_target
         from amusd_viz.engine.devices import resolve_draft_quant
 
-        target_device, draft_device = devices_for(KNOWN[run.name][1], self.plan.gpus,
-                                                  self.plan.cores)
+        base = self.plan.cfg.run
+        ngram = run.name in NGRAM_RUNS or base.ngram_n is not None
+        kind = KNOWN[run.name][1]
+        target_device, draft_device = devices_for("all" if ngram and kind == "two" else kind,
+                                                  self.plan.gpus, self.plan.cores)
         runs_on = target_device if draft_runs_with_target(run.engine_strategy) else draft_device
-        run_cfg = self.plan.cfg.run.model_copy(update={
+        run_cfg = base.model_copy(update={
             "target_device": target_device, "draft_device": draft_device,
-            "draft_quant": resolve_draft_quant(self.plan.cfg.run.draft_quant_option, runs_on)})
-        return self.prepared.engine_config(run_cfg, run.engine_strategy)
+            "draft_quant": "none" if ngram else resolve_draft_quant(base.draft_quant_option,
+                                                                      runs_on)})
+        draft_src = (f"ngram:{DEFAULT_NGRAM_N}" if run.name in NGRAM_RUNS and base.ngram_n is None
+                     else None)
+        return self.prepared.engine_config(run_cfg, run.engine_strategy, draft_src)
 
     def one_strategy(self, run: PlannedRun, repeat: int) -> None:
         from amusd_viz.engine.session import Engine

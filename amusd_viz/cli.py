@@ -27,6 +27,7 @@ from amusd_viz.config import (
     STRATEGIES,
     BenchConfig,
     RunConfig,
+    parse_ngram,
 )
 from amusd_viz.errors import RunFailed, UserError
 
@@ -76,8 +77,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("models and devices")
     g.add_argument("--draft", default=DEFAULT_DRAFT, metavar="NAME",
-                   help=f"draft model: a name from `amusd-viz models`, a hub id or a local "
-                        f"directory (default: {DEFAULT_DRAFT})")
+                   help=f"draft model: a name from `amusd-viz models`, a hub id, a local "
+                        "directory, or ngram / ngram:N (prompt lookup, no model: copies what "
+                        "followed the last N tokens earlier in the prompt or text; N=3) "
+                        f"(default: {DEFAULT_DRAFT})")
     g.add_argument("--target", default=DEFAULT_TARGET, metavar="NAME",
                    help=f"target model, same forms (default: {DEFAULT_TARGET})")
     g.add_argument("--draft-device", metavar="D",
@@ -328,6 +331,7 @@ def _sampling_settings(args) -> dict:
 
 def _model_settings(args) -> dict:
     """The options that run and bench share, as RunConfig fields."""
+    parse_ngram(args.draft)  # a bad ngram:N is one clear line, before anything loads
     return {**_sampling_settings(args), "draft": args.draft, "target": args.target,
             "dtype": args.dtype,
             "max_new_tokens": args.max_new_tokens, "stall_timeout": args.stall_timeout,

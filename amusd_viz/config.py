@@ -16,6 +16,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from amusd_viz.errors import UserError
 from amusd_viz.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 Strategy = Literal["amusd", "sync", "ar"]
@@ -59,6 +60,24 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams()
+
+
+NGRAM = "ngram"
+DEFAULT_NGRAM_N = 3  # the longest match tried: --draft ngram means ngram:3
+MAX_NGRAM_N = 32
+
+
+def parse_ngram(spec: str | None) -> int | None:
+    """`ngram` or `ngram:N` -> N (the longest match tried); None for a model's name."""
+    if spec is None or (spec != NGRAM and not spec.startswith(NGRAM + ":")):
+        return None
+    if spec == NGRAM:
+        return DEFAULT_NGRAM_N
+    text = spec.split(":", 1)[1]
+    if not text.isdigit() or not 1 <= int(text) <= MAX_NGRAM_N:
+        raise UserError(f"--draft {spec}: N in ngram:N is the longest match tried, a whole number "
+                        f"from 1 to {MAX_NGRAM_N} (or plain `ngram` for {DEFAULT_NGRAM_N}).")
+    return int(text)
 
 
 def draft_runs_with_target(strategy: str) -> bool:
@@ -108,6 +127,11 @@ class RunConfig(BaseModel):
     @property
     def uses_draft(self) -> bool:
         return self.strategy != "ar"
+
+    @property
+    def ngram_n(self) -> int | None:
+        """The n-gram drafter's longest match, or None for a model draft."""
+        return parse_ngram(self.draft)
 
     @property
     def acceptance_rule(self) -> str:

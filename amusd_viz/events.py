@@ -17,7 +17,7 @@ from amusd_viz.config import EngineStrategy
 SCHEMA_VERSION = 2
 
 Role = Literal["draft", "target"]
-Phase = Literal["prefill", "draft", "verify", "decode"]
+Phase = Literal["prefill", "draft", "verify", "decode", "lookup"]  # lookup: the n-gram drafter
 How = Literal["accepted", "correction", "resampled", "bonus", "decoded"]
 
 
@@ -99,6 +99,10 @@ class DraftProposed(_Event):
     text: str
     top: list[Candidate] = Field(default_factory=list)
     q: float | None = None  # the draft's probability of this token (after temperature, top-k/p)
+    # The n-gram drafter: this token copies the one at index ngram_from of prompt + text, which
+    # followed an earlier occurrence of the last ngram_n tokens
+    ngram_n: int | None = None
+    ngram_from: int | None = None
 
 
 class VerifyResult(_Event):

@@ -21,30 +21,28 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sampling_cases import (
+    DRAWS,
+    CountingTarget,
+    empirical,
+    exact_distribution,
+    request,
+    residual_from_p,
+    run_sync,
+    tv,
+    tv_bound,
+)
 
 from amusd_viz.config import SamplingParams
 from amusd_viz.engine import sampling
-from amusd_viz.engine.loops import (Request, amusd_draft_loop, amusd_target_loop, ar_loop,
-                                    sync_loop)
+from amusd_viz.engine.loops import amusd_draft_loop, amusd_target_loop, ar_loop
 from amusd_viz.engine.sampling import Check, Noise, Sampler, gumbel_argmax, processed
 from amusd_viz.engine.session import Engine, EngineConfig
 from amusd_viz.events import EventList
 
-FAILURE_PROBABILITY = 1e-6
 # A tiny target is as fast as its tiny draft, so in amusd it would decode alone and no rule would
 # be exercised; this much extra time per target pass lets the draft get ahead, as a real one does.
 SLOW_TARGET_S = 0.003
-
-
-def tv_bound(outcomes: int, draws: int) -> float:
-    """Total variation that a correct sampler exceeds with probability < 1e-6."""
-    l1 = math.sqrt(2 * (outcomes * math.log(2) + math.log(1 / FAILURE_PROBABILITY)) / draws)
-    return l1 / 2
-
-
-def tv(counts: Counter, exact: dict, draws: int) -> float:
-    keys = set(counts) | set(exact)
-    return 0.5 * sum(abs(counts.get(k, 0) / draws - exact.get(k, 0.0)) for k in keys)
 
 
 # the processed distribution ---------------------------------------------------------------------
@@ -160,12 +158,6 @@ def test_different_seeds_give_different_text(sampling_engines):
 
 # distributions: many seeded runs of the loops in this process ----------------------------------
 
-PROMPT = [11, 12, 13]
-TOKENS = 3  # the first three generated tokens: the rule decides the second
-PARAMS = dict(temperature=1.0, top_p=1.0, top_k=3)
-DRAWS = 20000
-
-
 @pytest.fixture(scope="module")
 def runners(tiny_models, tmp_path_factory):
     from tiny import make_model
@@ -179,45 +171,6 @@ def runners(tiny_models, tmp_path_factory):
     target = _load(str(tiny_models["target"]), "float32", "cpu", pack=False)
     draft = _load(str(medium), "float32", "cpu", target.tokenizer, pack=False)
     return target, draft
-
-
-def exact_distribution(target) -> dict[tuple[int, ...], float]:
-    """The target's own distribution of the first TOKENS tokens, by enumeration."""
-    params = SamplingParams(**PARAMS)
-    out: dict[tuple[int, ...], float] = {(): 1.0}
-    for _ in range(TOKENS):
-        grown = {}
-        for head, mass in out.items():
-            target.begin()
-            logits, *_ = target.forward(PROMPT + list(head), 1)
-            p = processed(logits[0], params)
-            for token in torch.nonzero(p).flatten().tolist():
-                grown[(*head, token)] = mass * float(p[token])
-        out = grown
-    return out
-
-
-def request(seed: int, rule: str) -> Request:
-    return Request(PROMPT, TOKENS, 2, frozenset(), 0,
-                   sampling=SamplingParams(**PARAMS, seed=seed, acceptance=rule))
-
-
-def run_sync(target, draft, seed: int, rule: str) -> tuple[int, ...]:
-    return tuple(sync_loop(request(seed, rule), target, draft, "cpu", lambda e: None).token_ids)
-
-
-class CountingTarget:
-    """The target runner, counting the passes that verified drafts."""
-
-    def __init__(self, runner) -> None:
-        self.runner, self.verified = runner, 0
-
-    def __getattr__(self, name):
-        return getattr(self.runner, name)
-
-    def forward(self, seq, n_logits=1):
-        self.verified += n_logits > 1
-        return self.runner.forward(seq, n_logits)
 
 
 def waiting_shared(vocab: int):
@@ -253,10 +206,6 @@ def run_amusd(target, draft, seed: int, rule: str, shared) -> tuple[int, ...]:
     return tuple(out.token_ids)
 
 
-def empirical(run, draws: int = DRAWS) -> Counter:
-    return Counter(run(seed) for seed in range(draws))
-
-
 @pytest.fixture(scope="module")
 def exact(runners):
     return exact_distribution(runners[0])
@@ -289,10 +238,6 @@ def test_rejection_sampling_keeps_the_target_distribution(runners, exact, shared
     assert tv(counts, exact, DRAWS) < tv_bound(len(exact), DRAWS), tv(counts, exact, DRAWS)
 
 
-def _residual_from_p(self, p, q, x, pos):
-    return gumbel_argmax(p, self.noise.gumbel(pos, sampling.RESIDUAL))
-
-
 @pytest.mark.parametrize("mutation", ["always_accept", "correction_from_p"])
 def test_broken_rejection_rules_fail_the_same_test(runners, exact, monkeypatch, mutation):
     target, draft = runners
@@ -305,6 +250,6 @@ def test_broken_rejection_rules_fail_the_same_test(runners, exact, monkeypatch, 
 
         monkeypatch.setattr(sampling, "_check", always_accept)
     else:
-        monkeypatch.setattr(Sampler, "_residual", _residual_from_p)
+        monkeypatch.setattr(Sampler, "_residual", residual_from_p)
     counts = empirical(lambda seed: run_sync(target, draft, seed, "rejection"))
     assert tv(counts, exact, DRAWS) > tv_bound(len(exact), DRAWS), tv(counts, exact, DRAWS)

@@ -7,8 +7,16 @@ import pytest
 
 from amusd_viz.bench import Result, compare_with_ar, load_prompts, summarize
 from amusd_viz.errors import UserError
-from amusd_viz.events import (Error, Forward, Rollback, RunFinished, RunStarted, TokenCommitted,
-                              VerifyResult, WorkerLost)
+from amusd_viz.events import (
+    Error,
+    Forward,
+    Rollback,
+    RunFinished,
+    RunStarted,
+    TokenCommitted,
+    VerifyResult,
+    WorkerLost,
+)
 from amusd_viz.lossless import TopTwo, is_near_tie, note, tolerance, top_two, ulp
 from amusd_viz.stats import compute
 from amusd_viz.trace import to_trace

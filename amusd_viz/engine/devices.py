@@ -114,12 +114,13 @@ def resolve_draft_quant(choice: str, draft_device: str) -> str:
 def resolve_run(cfg: RunConfig) -> RunConfig:
     """Fill in the devices and the draft's quantization for `cfg.strategy` on this machine,
     from what the user asked for (checked: a missing core or GPU is a UserError)."""
-    default_target, default_draft = default_devices(cfg.strategy)
+    # a lookup drafter needs no core of its own: the target keeps them all
+    default_target, default_draft = default_devices("sync" if cfg.ngram_n else cfg.strategy)
     target = str(parse_device(cfg.target_device_option or default_target, "--target-device"))
     draft = None
     if cfg.uses_draft:
         draft = str(parse_device(cfg.draft_device_option or default_draft, "--draft-device"))
     runs_on = target if draft_runs_with_target(cfg.strategy) or draft is None else draft
-    quant = resolve_draft_quant(cfg.draft_quant_option, runs_on)
+    quant = "none" if cfg.ngram_n else resolve_draft_quant(cfg.draft_quant_option, runs_on)
     return cfg.model_copy(update={"target_device": target, "draft_device": draft,
                                   "draft_quant": quant})

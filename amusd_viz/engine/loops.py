@@ -155,9 +155,25 @@ def propose(req: Request, draft: Runner, sampler: Sampler, logits_row, pos: int,
     top = draft.top(logits_row) if q is None else draft.top_of_probs(q)
     if q_x is None:  # greedy: the argmax heads the top-5 (one softmax per step, not two)
         q_x = next((c["p"] for c in top if c["id"] == token), None)
+    match = getattr(draft, "last", None)  # the n-gram drafter: where it copied from
     emit(DraftProposed(t=_secs(req, end), pos=pos, token_id=token, text=draft.text(token),
-                       top=top, q=None if q_x is None else round(q_x, 6)))
+                       top=top, q=None if q_x is None else round(q_x, 6),
+                       ngram_n=match.n if match else None,
+                       ngram_from=match.end if match else None))
     return token, q
+
+
+def draft_step(req: Request, draft: Runner, seq: list[int], sampler: Sampler, device: str,
+               emit: Emit, first: bool):
+    """One draft step on `seq` (a model pass, or a lookup): (token, q row, seconds), or None
+    when the drafter has nothing to propose (the n-gram drafter found no match)."""
+    logits, fed, start, end = draft.forward(seq, 1)
+    phase = draft.phase_name or ("prefill" if first else "draft")
+    emit(_forward_event(req, "draft", device, phase, fed, start, end))
+    if logits is None:
+        return None
+    token, q = propose(req, draft, sampler, logits[0], len(seq) - len(req.prompt_ids), end, emit)
+    return token, q, (end - start) / 1e9 if fed == 1 else None
 
 
 def ar_loop(req: Request, target: Runner, device: str, emit: Emit) -> Outcome:
@@ -179,14 +195,16 @@ def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Em
     c = Committer(req, target, emit)
     sampler = sampler_for(req, target)
     first_token(req, c, target, device, emit, sampler)
+    first = True
     while not c.done:
         drafts: list[int] = []
         q_rows: list = []
         for _ in range(min(req.lookahead, c.remaining - 1)):
-            logits, fed, start, end = draft.forward(c.seq + drafts, 1)
-            emit(_forward_event(req, "draft", device,
-                                "prefill" if len(draft.ids) == fed else "draft", fed, start, end))
-            token, q = propose(req, draft, sampler, logits[0], c.n_new + len(drafts), end, emit)
+            step = draft_step(req, draft, c.seq + drafts, sampler, device, emit, first)
+            first = False
+            if step is None:
+                break
+            token, q, _ = step
             drafts.append(token)
             q_rows.append(q)
             if token in req.eos_ids:
@@ -306,16 +324,17 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
                 or (generated and seq[-1] in req.eos_ids)):
             shared.wait_wakeup(0.5)
             continue
-        logits, fed, start, end = draft.forward(seq, 1)
         passes += 1
-        emit(_forward_event(req, "draft", device, "prefill" if passes == 1 else "draft",
-                            fed, start, end))
-        token, q = propose(req, draft, sampler, logits[0], generated, end, emit)
+        step = draft_step(req, draft, seq, sampler, device, emit, first=passes == 1)
+        if step is None:  # nothing to propose until the target commits more
+            shared.wait_wakeup(0.5)
+            continue
+        token, q, step_s = step
         if q is not None:
             shared.write_q_row(generated, token, q)  # before the draft that needs it is visible
         sampler.noise.forget_before(len(committed) - n_prompt)
         seq = [*seq, token]
-        shared.publish_drafts(seq, n_prompt, step_s=(end - start) / 1e9 if fed == 1 else None)
+        shared.publish_drafts(seq, n_prompt, step_s=step_s)
 
 
 def _hf_sampling(req: Request) -> dict:
@@ -337,8 +356,11 @@ def hf_loop(req: Request, target: Runner, draft: Runner | None, device: str, emi
     import torch
 
     model = target.model
-    kwargs = {}
-    if draft is not None:
+    kwargs: dict = {}
+    if draft is not None and draft.model is None:  # the n-gram drafter: transformers' own
+        kwargs = {"prompt_lookup_num_tokens": req.lookahead,
+                  "max_matching_ngram_size": getattr(draft, "max_n", 3)}
+    elif draft is not None:
         # transformers 5.x reads these from the assistant's generation_config; a fixed number of
         # draft tokens (the lookahead) beats its adaptive default on this kind of machine
         # (docs/benchmarks.md), so the peer gets its better setting.

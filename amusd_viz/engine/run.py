@@ -63,13 +63,14 @@ class Prepared:
                 f"exceeds the target's context of {self.max_context} tokens. Shorten the prompt "
                 "or lower --max-new-tokens.")
 
-    def engine_config(self, cfg: RunConfig,
-                      strategy: EngineStrategy | None = None) -> EngineConfig:
-        """The engine's settings for a resolved run (`strategy`: a bench baseline instead)."""
+    def engine_config(self, cfg: RunConfig, strategy: EngineStrategy | None = None,
+                      draft_src: str | None = None) -> EngineConfig:
+        """The engine's settings for a resolved run (`strategy`: a bench baseline instead;
+        `draft_src`: another drafter, such as the bench's `ngram:3` beside the model draft)."""
         strategy = strategy or cfg.strategy
         return EngineConfig(strategy=strategy, target_src=self.target_src,
-                            draft_src=self.draft_src if strategy not in ("ar", "hf-generate")
-                            else None,
+                            draft_src=(draft_src or self.draft_src)
+                            if strategy not in ("ar", "hf-generate") else None,
                             target_device=cfg.target_device, draft_device=cfg.draft_device,
                             dtype=cfg.dtype, stall_timeout=cfg.stall_timeout,
                             wait_steps=cfg.wait_steps, draft_quant=cfg.draft_quant,
@@ -100,14 +101,18 @@ def prepare(cfg: RunConfig, log=lambda m: print(m, file=sys.stderr)) -> Prepared
     """Resolve both models (the draft even for `ar`, so the TUI can re-run with sync or amusd),
     convert them once if needed, and check that they share a tokenizer."""
     target_res = registry.resolve(cfg.target)
-    draft_res = registry.resolve(cfg.draft) if cfg.draft else None
+    ngram_n = cfg.ngram_n  # the n-gram drafter: no model, it works on the target's ids
+    draft_res = registry.resolve(cfg.draft) if cfg.draft and ngram_n is None else None
     target_src = materialize(target_res, log)
     draft_src = materialize(draft_res, log) if draft_res else None
     tokenizer = load_tokenizer(target_src)
     if draft_res is not None and draft_src is not None:
         check_same_tokenizer(draft_res.name, draft_src, target_res.name, target_src,
                              target_tok=tokenizer)
-    return Prepared(draft_res.name if draft_res else None, target_res.name, draft_src, target_src,
+    draft_name = draft_res.name if draft_res else None
+    if ngram_n is not None:
+        draft_name = draft_src = f"ngram:{ngram_n}"
+    return Prepared(draft_name, target_res.name, draft_src, target_src,
                     tokenizer, _eos_ids(target_src, tokenizer), _max_context(target_src))
 
 

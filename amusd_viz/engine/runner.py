@@ -22,6 +22,8 @@ from amusd_viz.engine.seq import common_prefix
 
 
 class Runner:
+    phase_name: str | None = None  # a model's draft steps are "prefill" then "draft" passes
+
     def __init__(self, model, device: str, tokenizer=None, top_k: int = 5) -> None:
         self.model = model
         self.device = torch.device(device)

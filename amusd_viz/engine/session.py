@@ -15,7 +15,7 @@ from typing import Any
 
 from typing_extensions import Self
 
-from amusd_viz.config import GREEDY, EngineStrategy, SamplingParams, draft_runs_with_target
+from amusd_viz.config import GREEDY, EngineStrategy, SamplingParams, draft_runs_with_target, parse_ngram
 from amusd_viz.engine.loops import Outcome, Request
 from amusd_viz.engine.messages import Done, Failed, Ready, RunRequest
 from amusd_viz.engine.shared import SharedState
@@ -61,8 +61,13 @@ class EngineConfig:
         return max(sizes)
 
     @property
+    def ngram(self) -> bool:
+        return parse_ngram(self.draft_src) is not None
+
+    @property
     def one_device(self) -> bool:
-        return (self.draft_device or self.target_device) == self.target_device
+        """Both models compute on one device and must take turns (a lookup computes nothing)."""
+        return (self.draft_device or self.target_device) == self.target_device and not self.ngram
 
     def worker_specs(self, t0_ns: int) -> list[WorkerSpec]:
         """amusd: a target and a draft worker; every other strategy: one worker."""
@@ -72,7 +77,8 @@ class EngineConfig:
                            None, t0_ns, self.faults.get("target", ""), preamble=self.preamble),
                 WorkerSpec("draft", "amusd", self.draft_device or self.target_device, self.dtype,
                            None, self.draft_src, t0_ns, self.faults.get("draft", ""),
-                           self.draft_quant, preamble=self.preamble),
+                           self.draft_quant, preamble=self.preamble,
+                           tokenizer_src=self.target_src if self.ngram else None),
             ]
         draft_src = self.draft_src if draft_runs_with_target(self.strategy) else None
         return [WorkerSpec("target", self.strategy, self.target_device, self.dtype,

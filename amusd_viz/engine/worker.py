@@ -30,6 +30,7 @@ class WorkerSpec:
     fault: str = ""  # tests only: "die_after:N" exits after N forward passes; "slow:S" (worker.py)
     draft_quant: str = "none"  # "int8": dynamic int8 linear layers for the draft (CPU only)
     preamble: tuple[int, ...] = ()  # the tokens every prompt starts with: fed at load time
+    tokenizer_src: str | None = None  # the n-gram drafter's worker: the target's tokenizer
 
 
 def _die_with_parent() -> None:
@@ -109,6 +110,7 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
 
 def _load_models(spec: WorkerSpec, device, shared, events):
     """Load this worker's model(s), warm them up, and report each as ready."""
+    from amusd_viz.config import parse_ngram
     from amusd_viz.events import WorkerReady
 
     start = time.perf_counter_ns()
@@ -121,13 +123,18 @@ def _load_models(spec: WorkerSpec, device, shared, events):
     if spec.target_src:
         target = _load(spec.target_src, spec.dtype, device.torch_device, pack=not stock,
                        preamble=preamble)
-    if spec.draft_src:
+    if spec.draft_src and (n := parse_ngram(spec.draft_src)):
+        from amusd_viz.engine.ngram import load_ngram
+
+        draft = load_ngram(n, spec.target_src or spec.tokenizer_src or "", device.torch_device,
+                           target.tokenizer if target else None)
+    elif spec.draft_src:
         draft = _load(spec.draft_src, spec.dtype, device.torch_device,
                       target.tokenizer if target else None, spec.draft_quant,
                       pack=not stock, preamble=preamble)
     for runner in (target, draft):
-        if runner is not None and shared is not None:
-            runner.turn = shared.device_turn
+        if runner is not None and shared is not None and not runner.phase_name:
+            runner.turn = shared.device_turn  # a shared device; a lookup needs no turn
     now = time.perf_counter_ns()
     for role, runner in (("target", target), ("draft", draft)):
         if runner is not None:

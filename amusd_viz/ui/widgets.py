@@ -29,6 +29,7 @@ PHASE_STYLE = {
     "draft": ("█", "blue"),
     "verify": ("█", "green"),
     "decode": ("█", "cyan"),
+    "lookup": ("│", "magenta"),  # the n-gram drafter: an instant step
 }
 LANE_LABEL_WIDTH = 16  # "target cpu:0    " before each lane's bar
 TICK_EVERY_CELLS = 16  # one time label on the axis every this many cells
@@ -256,8 +257,24 @@ class Inspector(Static):
             table.add_row(_bar(draft_top[i]) if i < len(draft_top) else
                           Text("(no proposal)" if i == 0 else "", "grey50"),
                           _bar(tok.top[i]) if i < len(tok.top) else Text(""))
-        reason = why(state, tok)
-        self.update(Group(head, table) if reason is None else Group(head, reason, table))
+        reasons = [r for r in (lookup_source(state, proposal), why(state, tok)) if r is not None]
+        self.update(Group(head, *reasons, table))
+
+
+def lookup_source(state: RunState, proposal) -> Text | None:
+    """The n-gram drafter: where in the prompt or the text the proposed token was copied from."""
+    if proposal is None or getattr(proposal, "ngram_from", None) is None:
+        return None
+    at, n = proposal.ngram_from, proposal.ngram_n
+    line = Text(f"\nn-gram lookup: after an earlier occurrence of the last {n} token(s), ", "magenta")
+    if at < state.prompt_tokens:
+        line.append(f"copied from the prompt (token {at} of {state.prompt_tokens})", "magenta")
+        return line
+    pos = at - state.prompt_tokens
+    before = "".join(t.text for t in state.tokens[max(0, pos - 6):pos])
+    line.append(f"copied from the text at position {pos}: …{before}", "magenta")
+    line.append(f"[{proposal.text}]", "bold magenta")
+    return line
 
 
 def why(state: RunState, tok) -> Text | None:
