@@ -33,6 +33,7 @@ KNOWN: dict[str, tuple[EngineStrategy, str, bool]] = {
     "sync": ("sync", "all", True),
     "sync-1dev": ("sync", "one", True),
     "amusd": ("amusd", "two", True),
+    "amusd-1dev": ("amusd", "one", True),
     "hf-generate": ("hf-generate", "all", False),
     "hf-assisted": ("hf-assisted", "all", True),
     # the model-free drafter beside the model draft (a lookup needs no core of its own)
@@ -47,6 +48,7 @@ DESCRIPTIONS = {
     "sync": "speculative decoding, models taking turns on all cores / one GPU",
     "sync-1dev": "speculative decoding on one device (on CPU: one core)",
     "amusd": "asynchronous: draft and target on two devices at once",
+    "amusd-1dev": "asynchronous on one shared device (the workers take turns: on CPU one core)",
     "hf-generate": "plain transformers generate(), all cores",
     "hf-assisted": "transformers assisted generation with the same draft",
     "sync-ngram": "speculative decoding with the n-gram (prompt lookup) drafter, all cores",
@@ -113,9 +115,24 @@ class Result:
     overlap: float | None = None
     curve: list[float] = field(default_factory=list)  # seconds at each committed token
     tops: list = field(default_factory=list)  # target top-2 ids and logits per position (ar)
+    draft_lost: bool = False  # the draft worker died: the target finished alone
 
 
-def devices_for(kind: str, gpus: int, cores: list[int]) -> tuple[str, str]:
+def devices_for(kind: str, gpus: int, cores: list[int],
+                target_option: str | None = None,
+                draft_option: str | None = None) -> tuple[str, str]:
+    """(target, draft) for a kind of run; --target-device / --draft-device, where given, win
+    (the draft's only where it has a device of its own)."""
+    target, draft = _default_devices(kind, gpus, cores)
+    if target_option:
+        target = target_option
+        draft = draft if kind == "two" else target
+    if draft_option and kind == "two":
+        draft = draft_option
+    return target, draft
+
+
+def _default_devices(kind: str, gpus: int, cores: list[int]) -> tuple[str, str]:
     if gpus:
         return ("cuda:0", "cuda:1" if gpus > 1 and kind == "two" else "cuda:0")
     if kind == "all":
@@ -195,6 +212,9 @@ def summarize(results: list[Result], names: list[str]) -> dict:
             overlap = [r.overlap for r in mine if r.overlap is not None]
             out[name] = {
                 "runs": len(mine),
+                # runs whose draft died (out of memory, say): the target decoded alone, so
+                # these are not timings of the strategy
+                "draft_lost_runs": sum(r.draft_lost for r in mine),
                 "median_ms_per_token": round(median(ms), 2),
                 "min_ms_per_token": round(min(ms), 2),
                 "max_ms_per_token": round(max(ms), 2),
@@ -256,7 +276,15 @@ def plan_runs(cfg: BenchConfig, gpus: int, cores: list[int]) -> BenchPlan:
     if not prompts:
         raise UserError("no prompts left after --kinds/--limit.")
     runs: list[PlannedRun] = []
+    seen: dict[tuple, str] = {}
     for name in names:
+        setup = (KNOWN[name][0], name in NGRAM_RUNS, devices_for(
+            KNOWN[name][1], gpus, cores, cfg.run.target_device_option, cfg.run.draft_device_option))
+        if setup in seen:  # on a GPU, "ar-1dev" is "ar" again: run it once
+            print(f"amusd-viz bench: {name} runs exactly as {seen[setup]} here; skipped.",
+                  file=sys.stderr)
+            continue
+        seen[setup] = name
         if KNOWN[name][2] and len(cfg.lookaheads) > 1:
             runs += [PlannedRun(f"{name}@{k}", name, k) for k in cfg.lookaheads]
         else:
@@ -277,7 +305,7 @@ def _result(name: str, prompt: Prompt, repeat: int, gen, events) -> Result:
         busy=s.busy, overlap=s.overlap,
         curve=[e.t - gen.start_t for e in commits],
         tops=[[{"id": c.id, "logit": c.logit} for c in e.top[:2]] for e in commits]
-        if name == "ar" else [])
+        if name == "ar" else [], draft_lost=gen.draft_lost)
 
 
 def _window_stats(events, gen) -> run_stats.RunStats:
@@ -303,7 +331,9 @@ class _Runner:
         ngram = run.name in NGRAM_RUNS or base.ngram_n is not None
         kind = KNOWN[run.name][1]
         target_device, draft_device = devices_for("all" if ngram and kind == "two" else kind,
-                                                  self.plan.gpus, self.plan.cores)
+                                                  self.plan.gpus, self.plan.cores,
+                                                  base.target_device_option,
+                                                  base.draft_device_option)
         runs_on = target_device if draft_runs_with_target(run.engine_strategy) else draft_device
         run_cfg = base.model_copy(update={
             "target_device": target_device, "draft_device": draft_device,
@@ -334,12 +364,13 @@ class _Runner:
         engine.close()
         self.engine = None
 
-    def rounds(self) -> bool:
+    def rounds(self) -> str | None:
         """Every repeat restarts each strategy's engine; rounds go in A-B-B-A order, so the
         reversed order of odd rounds cancels a linear drift of the machine's speed (this VM's
-        plain decoding speed wandered by ±15% between back-to-back runs). Returns whether the
-        user interrupted."""
+        plain decoding speed wandered by ±15% between back-to-back runs). Returns why it stopped
+        early: "interrupted" (the user), "failed" (a run failed), or None."""
         from amusd_viz.engine.session import RunCancelled
+        from amusd_viz.errors import RunFailed
 
         runs = self.plan.runs
         try:
@@ -348,11 +379,14 @@ class _Runner:
                     self.one_strategy(run, repeat)
         except (KeyboardInterrupt, RunCancelled):
             print("\namusd-viz bench: interrupted; results so far:", file=sys.stderr)
-            return True
+            return "interrupted"
+        except RunFailed as exc:  # a failed run loses nothing that ran before it
+            print(f"\namusd-viz bench: a run failed ({exc}); results so far:", file=sys.stderr)
+            return "failed"
         finally:
             if self.engine is not None:
                 self.engine.close()
-        return False
+        return None
 
 
 def bench_command(cfg: BenchConfig) -> int:
@@ -378,16 +412,16 @@ def bench_command(cfg: BenchConfig) -> int:
     total = len(plan.prompts) * len(plan.runs) * cfg.repeats
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as bar:
         runner = _Runner(plan, prepared, encoded, bar)
-        interrupted = runner.rounds()
-    report = build_report(runner.results, plan, prepared, interrupted)
+        stopped = runner.rounds()
+    report = build_report(runner.results, plan, prepared, stopped)
     bad = print_report(report)
     first = plan.prompts[0].id
     curves = {r.strategy: r.curve for r in runner.results if r.prompt_id == first and r.repeat == 0}
     write_outputs(report, cfg.json_out, cfg.plot, curves, first)
-    return 130 if interrupted else (1 if bad else 0)
+    return 130 if stopped == "interrupted" else (1 if bad or stopped else 0)
 
 
-def build_report(results: list[Result], plan: BenchPlan, prepared, interrupted: bool) -> dict:
+def build_report(results: list[Result], plan: BenchPlan, prepared, stopped: str | None) -> dict:
     from amusd_viz.eventlog import machine_info, package_versions
 
     cfg = plan.cfg
@@ -397,7 +431,8 @@ def build_report(results: list[Result], plan: BenchPlan, prepared, interrupted: 
         "summary": overall["overall"],
         "by_kind": overall["by_kind"],
         "lossless": compare_with_ar(results, cfg.run.dtype, cfg.run.acceptance_rule,
-                                    "cuda" if plan.gpus else "cpu"),
+                                    cfg.run.target_device_option
+                                    or ("cuda:0" if plan.gpus else "cpu")),
         "settings": {"draft": prepared.draft, "target": prepared.target, "dtype": cfg.run.dtype,
                      "max_new_tokens": cfg.run.max_new_tokens, "lookahead": list(cfg.lookaheads),
                      "repeats": cfg.repeats, "prompts": len(plan.prompts),
@@ -407,7 +442,7 @@ def build_report(results: list[Result], plan: BenchPlan, prepared, interrupted: 
                      "top_k": cfg.run.top_k, "seed": cfg.run.seed,
                      "acceptance": cfg.run.acceptance_rule,
                      "strategies": {label: DESCRIPTIONS[label.split("@")[0]] for label in labels},
-                     "interrupted": interrupted},
+                     "interrupted": stopped is not None, "stopped": stopped},
         "machine": machine_info(),
         "packages": package_versions(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -62,6 +62,11 @@ def print_report(report: dict, console: Console | None = None) -> list[dict]:
         for kind, block in report["by_kind"].items():
             console.print()
             console.print(summary_table(block, kind))
+    for name, row in report["summary"].items():
+        if row.get("draft_lost_runs"):
+            console.print(f"\n[bold red]{name}: the draft worker died in {row['draft_lost_runs']} of "
+                          f"{row['runs']} runs[/] (out of memory?): the target finished those "
+                          "alone, so they are not timings of this strategy.")
     verdicts = report["lossless"]
     bad = [v for v in verdicts if v["verdict"] == "differs"]
     near = [v for v in verdicts if v["verdict"] == "near-tie"]

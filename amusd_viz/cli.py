@@ -89,8 +89,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-device", metavar="D",
                    help="device of the target (default: cuda:0 with a GPU; else cpu:0 for amusd, "
                         "cpu (all cores) for sync and ar)")
-    g.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                   help="weights and compute dtype; float32 is bit-exact (default: bfloat16)")
+    g.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="weights and compute dtype; float32 is bit-exact on a CPU (default: "
+                        "auto: bfloat16 on a CPU and on GPUs with native bf16, float32 on older "
+                        "GPUs)")
     g.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
                    help="int8: dynamic int8 linear layers for the draft only (CPU; the target "
                         "and so the output are untouched); auto: int8 on CPU, none on GPU "
@@ -333,7 +335,7 @@ def _model_settings(args) -> dict:
     """The options that run and bench share, as RunConfig fields."""
     parse_ngram(args.draft)  # a bad ngram:N is one clear line, before anything loads
     return {**_sampling_settings(args), "draft": args.draft, "target": args.target,
-            "dtype": args.dtype,
+            "dtype_option": args.dtype,
             "max_new_tokens": args.max_new_tokens, "stall_timeout": args.stall_timeout,
             "target_device_option": args.target_device, "draft_device_option": args.draft_device,
             "draft_quant_option": args.draft_quant}
@@ -351,8 +353,19 @@ def build_run_config(args) -> RunConfig:
 
 
 def build_bench_config(args) -> BenchConfig:
+    from amusd_viz.engine.devices import parse_device
+
+    settings = _model_settings(args)
+    for key, option in (("target_device_option", "--target-device"),
+                        ("draft_device_option", "--draft-device")):
+        if settings[key]:  # checked and spelled one way (cuda -> cuda:0) before anything loads
+            settings[key] = str(parse_device(settings[key], option))
+    from amusd_viz.engine.devices import cuda_count, resolve_dtype
+
+    target = settings["target_device_option"] or ("cuda:0" if cuda_count() else "cpu")
     run = RunConfig(preamble_cache=not args.no_preamble_cache, wait_steps=args.wait_steps,
-                    lookahead=args.lookahead[0], **_model_settings(args))
+                    lookahead=args.lookahead[0], dtype=resolve_dtype(args.dtype, target),
+                    **settings)
     return BenchConfig(
         run=run, prompts=args.prompts,
         strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),

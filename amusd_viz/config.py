@@ -94,7 +94,8 @@ class RunConfig(BaseModel):
     draft: str = DEFAULT_DRAFT
     target: str = DEFAULT_TARGET
     prompt: str = DEFAULT_PROMPT
-    dtype: Dtype = "bfloat16"
+    dtype: Dtype = "bfloat16"  # resolved from dtype_option where one was given
+    dtype_option: Literal["auto", "bfloat16", "float16", "float32"] | None = None  # --dtype
     lookahead: int = Field(DEFAULT_LOOKAHEAD, ge=1)
     max_new_tokens: int = Field(DEFAULT_MAX_NEW, ge=1)
     stall_timeout: float = Field(DEFAULT_STALL_TIMEOUT, gt=0)

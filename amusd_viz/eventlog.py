@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,12 +25,30 @@ _PACKAGES = ("torch", "transformers", "textual", "pydantic", "plotext")
 
 
 def machine_info() -> dict:
-    return {
+    info: dict = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
     }
+    gpus = _nvidia_gpus()
+    if gpus:
+        info["gpus"] = gpus
+    return info
+
+
+def _nvidia_gpus() -> list[str]:
+    """Name, memory and driver of each NVIDIA GPU (from nvidia-smi: no torch here); the CUDA
+    version torch uses is in each worker's worker_ready event."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
 def package_versions() -> dict[str, str | None]:

@@ -79,6 +79,7 @@ class WorkerReady(_Event):
     pid: int
     load_s: float
     model: str = ""
+    device_info: dict = Field(default_factory=dict)  # engine.devices.device_info
 
 
 class Forward(_Event):

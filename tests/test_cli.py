@@ -24,7 +24,7 @@ def test_help_lists_every_option_of_the_contract():
         assert option in text
     for command in ("bench", "replay", "export-trace", "stats", "models"):
         assert f"amusd-viz {command}" in text
-    assert "default: amusd" in text and "default: bfloat16" in text
+    assert "default: amusd" in text and "bfloat16 on a CPU" in text
     bench = build_command_parser("bench").format_help()
     for option in ("--prompts", "--max-new-tokens", "--strategies", "--json", "--repeats",
                    "--lookahead"):

@@ -170,6 +170,11 @@ def test_both_workers_on_one_device(engines):
     assert gen.token_ids == reference.token_ids
     assert {e.device for e in events if e.type == "forward"} == {"cpu:0"}
     check_invariants(gen, events)  # the two workers take turns: no overlapping spans
+    # the target reads the drafts after its turn is won: it verifies a full batch every time
+    # (before the baton, the workers alternated one pass each and it verified almost none)
+    verifies = [e for e in events if e.type == "verify_result"]
+    assert all(len(e.proposed) == min(3, 30 - e.start_pos - 1) for e in verifies[1:]), \
+        [len(e.proposed) for e in verifies]
 
 
 def test_workers_are_separate_processes(engines):

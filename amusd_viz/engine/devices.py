@@ -123,4 +123,87 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
     runs_on = target if draft_runs_with_target(cfg.strategy) or draft is None else draft
     quant = "none" if cfg.ngram_n else resolve_draft_quant(cfg.draft_quant_option, runs_on)
     return cfg.model_copy(update={"target_device": target, "draft_device": draft,
-                                  "draft_quant": quant})
+                                  "draft_quant": quant,
+                                  "dtype": resolve_dtype(cfg.dtype_option, target)
+                                  if cfg.dtype_option else cfg.dtype})
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+MEMORY_HEADROOM = 1.25  # the KV cache, activations and the CUDA context on top of the weights
+
+
+def model_bytes(src: str, dtype: str) -> int:
+    """The weights' size in `dtype`, from the safetensors files and the dtype they hold."""
+    import json
+    from pathlib import Path
+
+    folder = Path(src)
+    files = list(folder.glob("*.safetensors"))
+    if not files:
+        return 0
+    config = folder / "config.json"
+    stored = "bfloat16"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        stored = str(data.get("dtype") or data.get("torch_dtype") or stored)
+    on_disk = sum(f.stat().st_size for f in files)
+    return on_disk * DTYPE_BYTES[dtype] // DTYPE_BYTES.get(stored, 2)
+
+
+def check_gpu_memory(placements: list[tuple[str, str]], dtype: str) -> None:
+    """(model source, device) pairs: every GPU must have room for what goes on it, or the run
+    stops here with a clear message instead of an out-of-memory error in a worker."""
+    need: dict[str, int] = {}
+    for src, device in placements:
+        if device.startswith("cuda"):
+            need[device] = need.get(device, 0) + int(model_bytes(src, dtype) * MEMORY_HEADROOM)
+    if not need:
+        return
+    import torch
+
+    gib = 2 ** 30
+    for device, wanted in need.items():
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        if wanted > free:
+            raise UserError(
+                f"{device} has {free / gib:.1f} GiB free of {total / gib:.1f} GiB, and the "
+                f"models placed on it need about {wanted / gib:.1f} GiB in {dtype}. Put the draft "
+                "on another GPU (--draft-device cuda:1), free the GPU, or pick smaller models.")
+
+
+def gpu_dtype_problem(dtype: str, device: str) -> str | None:
+    """Why `dtype` is a poor choice on this GPU, or None: bf16 without native support is
+    emulated (slow); float16 overflows in Qwen2-family models (NaN logits)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return (f"{device} has no native bfloat16 (compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}): it is emulated "
+                "and slow there; --dtype float32 is exact and usually faster on such a card")
+    return None
+
+
+def resolve_dtype(choice: str, target_device: str) -> str:
+    """`auto`: bfloat16 on a CPU and on GPUs with native bf16 (Ampere and later), float32 on
+    older GPUs (float16 overflows in Qwen2 models). An explicit choice is kept."""
+    if choice != "auto":
+        return choice
+    if target_device.startswith("cuda") and gpu_dtype_problem("bfloat16", target_device):
+        return "float32"
+    return "bfloat16"
+
+
+def device_info(device: Device) -> dict:
+    """What a worker reports of its device in worker_ready: threads on a CPU; name, compute
+    capability, memory and torch's CUDA version on a GPU."""
+    import torch
+
+    if device.kind != "cuda":
+        return {"torch_threads": torch.get_num_threads()}
+    index = device.index or 0
+    props = torch.cuda.get_device_properties(index)
+    return {"name": props.name, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2 ** 30, 1), "cuda": torch.version.cuda,
+            "bf16_native": torch.cuda.is_bf16_supported(including_emulation=False)}

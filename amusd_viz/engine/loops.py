@@ -107,9 +107,10 @@ def sampler_for(req: Request, runner: Runner) -> Sampler:
 
 def _tops(runner: Runner, logits, verdict: Verdict, sampler: Sampler) -> list[list[dict]]:
     """The target's top candidates at each committed position: of p when sampling."""
+    n = len(verdict.tokens)
     if verdict.probs is None:
-        return [runner.top(logits[i]) for i in range(len(verdict.tokens))]
-    return [runner.top_of_probs(verdict.probs[i]) for i in range(len(verdict.tokens))]
+        return runner.tops(logits[:n])
+    return runner.tops_of_probs(verdict.probs[:n])
 
 
 def verify(req: Request, c: Committer, target: Runner, device: str, drafts: list[int],
@@ -151,10 +152,13 @@ def first_token(req: Request, c: Committer, target: Runner, device: str, emit: E
 def propose(req: Request, draft: Runner, sampler: Sampler, logits_row, pos: int, end: int,
             emit: Emit):
     """The draft's token at `pos`; emits draft_proposed with q(x). Returns (token, q row)."""
-    token, q_x, q = sampler.propose(logits_row, pos)
-    top = draft.top(logits_row) if q is None else draft.top_of_probs(q)
-    if q_x is None:  # greedy: the argmax heads the top-5 (one softmax per step, not two)
-        q_x = next((c["p"] for c in top if c["id"] == token), None)
+    if sampler.params.greedy:  # the top-5's head is the proposal: one copy to the host
+        top = draft.top(logits_row)
+        token, q_x, q = top[0]["id"], top[0]["p"], None
+    else:
+        token, q_x, q = sampler.propose(logits_row, pos)
+        assert q is not None  # a sampler gives q whenever it samples
+        top = draft.top_of_probs(q)
     match = getattr(draft, "last", None)  # the n-gram drafter: where it copied from
     emit(DraftProposed(t=_secs(req, end), pos=pos, token_id=token, text=draft.text(token),
                        top=top, q=None if q_x is None else round(q_x, 6),
@@ -260,10 +264,15 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
     c = Committer(req, target, emit)
     n_prompt = len(req.prompt_ids)
     sampler = sampler_for(req, target)
+    draft_gone = lambda: not shared.draft_alive  # noqa: E731
+    shared.wait_turn("target", stop=draft_gone)  # one device: the target's prefill goes first
     first_token(req, c, target, device, emit, sampler)
     shared.publish_committed(c.seq, n_prompt, done=c.done)
+    shared.pass_turn("draft")
     pace = Pace()
     while not c.done:
+        # one device: wait for the draft's turn to end, then read the drafts it made
+        shared.wait_turn("target", stop=draft_gone)
         limit = min(req.lookahead, c.remaining - 1)
         drafts = shared.read_drafts(c.seq, n_prompt, limit)
         if req.wait_steps and limit > 0 and shared.draft_alive:
@@ -281,6 +290,7 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
         before = c.n_new
         accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows)
         shared.publish_committed(c.seq, n_prompt, done=c.done)
+        shared.pass_turn("draft")
         pace.observe(len(drafts), accepted, c.n_new - before)
     return c.outcome
 
@@ -306,13 +316,24 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
     """The drafter: keeps proposing from its own sequence; when the target commits a token that
     differs from its own at some position, it drops its tokens (and cache) from there, adopts
     the target's tokens and drafts on. Waits (blocking, no spinning) only when it is far enough
-    ahead, at the token budget, or after proposing EOS. Returns the number of forward passes."""
+    ahead, at the token budget, or after proposing EOS. On a device shared with the target it
+    drafts `lookahead` tokens per turn and then hands the device over (SharedState's baton).
+    Returns the number of forward passes."""
     draft.begin()
     n_prompt = len(req.prompt_ids)
     seq = list(req.prompt_ids)
-    max_ahead = req.max_ahead or 2 * req.lookahead
+    max_ahead = req.lookahead if shared.one_device else req.max_ahead or 2 * req.lookahead
     sampler = sampler_for(req, draft)
     passes = 0
+
+    def idle() -> None:
+        if shared.one_device:  # the target's turn: verify what this turn drafted
+            shared.pass_turn("target")
+            shared.wait_turn("draft", stop=lambda: shared.run_done)
+        else:
+            shared.wait_wakeup(0.5)
+
+    shared.wait_turn("draft", stop=lambda: shared.run_done)  # one device: after the prefill
     while True:
         shared.clear_wakeup()
         committed, done = shared.read_committed(req.prompt_ids)
@@ -322,12 +343,12 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
         generated = len(seq) - n_prompt
         if (len(seq) - len(committed) >= max_ahead or generated >= req.max_new_tokens
                 or (generated and seq[-1] in req.eos_ids)):
-            shared.wait_wakeup(0.5)
+            idle()
             continue
         passes += 1
         step = draft_step(req, draft, seq, sampler, device, emit, first=passes == 1)
         if step is None:  # nothing to propose until the target commits more
-            shared.wait_wakeup(0.5)
+            idle()
             continue
         token, q, step_s = step
         if q is not None:

@@ -21,6 +21,10 @@ from transformers import DynamicCache
 from amusd_viz.engine.seq import common_prefix
 
 
+class NonFiniteLogits(RuntimeError):
+    """A forward pass produced NaN or inf: every strategy would pick token 0 from then on."""
+
+
 class Runner:
     phase_name: str | None = None  # a model's draft steps are "prefill" then "draft" passes
 
@@ -87,6 +91,11 @@ class Runner:
             if self.is_cuda:
                 torch.cuda.synchronize(self.device)  # stamp the end of the real work
             end = time.perf_counter_ns()
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits(
+                f"the model's logits are not finite (NaN or inf) in {self.model.dtype} on "
+                f"{self.device}: it overflows in this dtype (float16 does in Qwen2-family "
+                "models). Use --dtype bfloat16 or --dtype float32.")
         self.ids.extend(feed)
         return logits, len(feed), start, end
 
@@ -102,12 +111,25 @@ class Runner:
     def top(self, logits_row: torch.Tensor) -> list[dict]:
         """The top candidates at one position, with probabilities and raw logits (the bench's
         near-tie rule needs the logits: amusd_viz/lossless.py)."""
-        top = self.top_of_probs(torch.softmax(logits_row.float(), dim=-1))
-        logits = logits_row[[c["id"] for c in top]].float().tolist()
-        return [{**c, "logit": round(x, 5)} for c, x in zip(top, logits, strict=True)]
+        return self.tops(logits_row[None])[0]
+
+    def tops(self, rows: torch.Tensor) -> list[list[dict]]:
+        """`top` for every row of [n, vocab] logits, with one copy to the host (on a GPU, each
+        copy is a synchronisation: one per pass, not two per row)."""
+        rows = rows.float()
+        p, idx = torch.topk(torch.softmax(rows, dim=-1), self.top_k, dim=-1)
+        # ids below 2**24 are exact as float32
+        host = torch.stack([p, idx.float(), rows.gather(-1, idx)]).cpu().tolist()
+        return [[{"id": int(i), "text": self.text(int(i)), "p": round(q, 4), "logit": round(x, 5)}
+                 for q, i, x in zip(ps, ids, xs, strict=True)]
+                for ps, ids, xs in zip(*host, strict=True)]
 
     def top_of_probs(self, probs: torch.Tensor) -> list[dict]:
         """The top candidates of a distribution (a sampler's p or q)."""
-        p, idx = torch.topk(probs, self.top_k)
-        return [{"id": int(i), "text": self.text(int(i)), "p": round(float(q), 4)}
-                for q, i in zip(p.tolist(), idx.tolist(), strict=False)]
+        return self.tops_of_probs(probs[None])[0]
+
+    def tops_of_probs(self, probs: torch.Tensor) -> list[list[dict]]:
+        p, idx = torch.topk(probs, self.top_k, dim=-1)
+        host = torch.stack([p.float(), idx.float()]).cpu().tolist()
+        return [[{"id": int(i), "text": self.text(int(i)), "p": round(q, 4)}
+                 for q, i in zip(ps, ids, strict=True)] for ps, ids in zip(*host, strict=True)]

@@ -16,6 +16,7 @@ from typing import Any
 from typing_extensions import Self
 
 from amusd_viz.config import GREEDY, EngineStrategy, SamplingParams, draft_runs_with_target, parse_ngram
+from amusd_viz.engine.devices import check_gpu_memory
 from amusd_viz.engine.loops import Outcome, Request
 from amusd_viz.engine.messages import Done, Failed, Ready, RunRequest
 from amusd_viz.engine.shared import SharedState
@@ -132,10 +133,14 @@ class Engine:
     # lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
+        specs = cfg.worker_specs(self.t0_ns)
+        check_gpu_memory([(src, spec.device) for spec in specs
+                          for src in (spec.target_src, spec.draft_src)
+                          if src and parse_ngram(src) is None], cfg.dtype)
         if cfg.strategy == "amusd":
             self.shared = SharedState(self._ctx, cfg.capacity, one_device=cfg.one_device,
                                       vocab=0 if cfg.sampling.greedy else self.vocab)
-        for spec in cfg.worker_specs(self.t0_ns):
+        for spec in specs:
             # One event pipe per worker: a worker killed mid-message can only tear its own pipe
             # (one shared queue would leave its lock held and block the other worker).
             requests = self._ctx.Queue()

@@ -33,9 +33,13 @@ class SharedState:
         self.vocab = vocab
         self._q = ctx.RawArray("f", Q_SLOTS * vocab) if vocab else None
         self._q_meta = ctx.RawArray("q", Q_SLOTS * 3) if vocab else None
-        # Both workers on one device take turns, pass by pass: no thrashing, and the device's
-        # forward spans never overlap.
+        # Both workers on one device take turns: no thrashing, and the device's forward spans
+        # never overlap. The lock guards each pass; the baton (two events) decides whose turn
+        # it is: the draft drafts a batch, then the target reads and verifies it (read after the
+        # turn is won, so it never verifies a stale, empty set of drafts), then the draft again.
+        self.one_device = one_device
         self.device_lock = ctx.Lock() if one_device else None
+        self._turn = {"target": ctx.Event(), "draft": ctx.Event()} if one_device else {}
         self.wakeup = ctx.Event()  # set by every commit: the draft may have work
         self.drafted = ctx.Event()  # set by every draft publish: the target may have work
         self._committed = ctx.RawArray("q", capacity)
@@ -53,6 +57,9 @@ class SharedState:
         meta[EPOCH] += 1
         self.wakeup.clear()
         self.drafted.clear()
+        if self._turn:  # the target goes first: its prefill
+            self._turn["draft"].clear()
+            self._turn["target"].set()
 
     def _write(self, counter: int, write) -> None:
         meta = self._view(self._meta)
@@ -81,18 +88,38 @@ class SharedState:
         if self.device_lock is None:
             yield
             return
-        while not self.device_lock.acquire(timeout=0.5):
+        # liveness first: a dead draft may hold the lock for good (checked every 20 ms, not
+        # after a long timeout per pass)
+        while not (acquired := self.device_lock.acquire(timeout=0.02)):
             if not self.draft_alive:
-                yield
-                return
+                break
         try:
             yield
         finally:
-            self.device_lock.release()
+            if acquired:
+                self.device_lock.release()
+
+    def wait_turn(self, role: str, stop=lambda: False) -> None:
+        """One device: block until `role` holds the baton, or `stop()` (checked every 20 ms:
+        the run ended, or the other worker is gone). No-op on two devices."""
+        if not self._turn:
+            return
+        while not self._turn[role].wait(0.02):
+            if stop():
+                return
+        self._turn[role].clear()
+
+    def pass_turn(self, to: str) -> None:
+        if self._turn:
+            self._turn[to].set()
 
     def set_draft_alive(self, alive: bool) -> None:
         self._view(self._meta)[DRAFT_ALIVE] = int(alive)
         self.drafted.set()  # a waiting target must not wait for a draft that is gone
+
+    @property
+    def run_done(self) -> bool:
+        return bool(self._view(self._meta)[DONE])
 
     @property
     def draft_alive(self) -> bool:

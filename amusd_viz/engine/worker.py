@@ -60,22 +60,42 @@ def _load(src: str, dtype_name: str, device: str, tokenizer=None, quant: str = "
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
                                                            dtype=torch.qint8)
     else:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype_name))
-    model.to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(src, **load_kwargs(dtype_name, device))
+    model.to(device).eval()  # already there on a GPU
     if pack and quant == "none" and device == "cpu":
         from amusd_viz.engine.kernels import pack_linears
 
         pack_linears(model)  # same outputs, 1.5-1.75x faster bf16 passes on a CPU core
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(src)
     runner = Runner(model, device, tokenizer)
-    # Warm up: the first passes page the weights in and build the kernels. That is loading
-    # work; left in, it would land in the first run's timings.
-    warm = list(range(WARM_UP_TOKENS))
-    for n_logits in (1, 4):
-        runner.forward(warm, n_logits)
-        warm = [*warm, WARM_UP_TOKENS]
+    warm_up(runner)
     runner.set_preamble(list(preamble))
     return runner
+
+
+def load_kwargs(dtype_name: str, device: str) -> dict:
+    """from_pretrained's arguments: on a GPU the weights load straight onto it (accelerate's
+    device_map), not through host memory on one CPU thread first."""
+    import torch
+
+    kwargs: dict = {"dtype": getattr(torch, dtype_name)}
+    if device.startswith("cuda"):
+        kwargs["device_map"] = device
+    return kwargs
+
+
+def warm_up(runner) -> None:
+    """The first passes page the weights in and pick the kernels (on a GPU, per shape): that is
+    loading work, and left in it would land in the first run's timings. So run every shape a
+    run uses: a prefill, a one-token decode, verify passes of 4 and 9 tokens (lookahead 3 and
+    8), and the top-k of their logits."""
+    warm = list(range(WARM_UP_TOKENS))
+    runner.forward(warm, 1)  # prefill
+    for extra, n_logits in ((1, 1), (1, 4), (1, 9)):  # decode, then k+1-token passes
+        warm = [*warm, WARM_UP_TOKENS + extra]
+        logits, *_ = runner.forward(warm, n_logits)
+        runner.tops(logits)
+    runner.reset()
 
 
 def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
@@ -111,6 +131,7 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
 def _load_models(spec: WorkerSpec, device, shared, events):
     """Load this worker's model(s), warm them up, and report each as ready."""
     from amusd_viz.config import parse_ngram
+    from amusd_viz.engine.devices import device_info
     from amusd_viz.events import WorkerReady
 
     start = time.perf_counter_ns()
@@ -139,7 +160,8 @@ def _load_models(spec: WorkerSpec, device, shared, events):
     for role, runner in (("target", target), ("draft", draft)):
         if runner is not None:
             events.send(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=role, device=str(device),
-                                    pid=os.getpid(), load_s=(now - start) / 1e9))
+                                    pid=os.getpid(), load_s=(now - start) / 1e9,
+                                    device_info=device_info(device)))
     return target, draft
 
 

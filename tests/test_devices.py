@@ -1,0 +1,196 @@
+"""The shared-device and GPU paths, tested on a CPU: capability queries and free memory are
+mocked; the same logic runs on a real GPU in tests/test_cuda.py (scripts/gpu-check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amusd_viz.bench import Result, compare_with_ar, devices_for, plan_runs
+from amusd_viz.config import BenchConfig, RunConfig
+from amusd_viz.engine import devices
+from amusd_viz.errors import UserError
+
+
+@pytest.fixture
+def old_gpu(monkeypatch):
+    """A pre-Ampere card: bf16 only emulated."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
+                        including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+
+
+@pytest.fixture
+def new_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+
+def test_auto_dtype_is_bf16_only_where_the_card_has_it(old_gpu):
+    assert devices.resolve_dtype("auto", "cpu") == "bfloat16"
+    assert devices.resolve_dtype("auto", "cpu:1") == "bfloat16"
+    assert devices.resolve_dtype("auto", "cuda:0") == "float32"  # bf16 would be emulated
+    assert devices.resolve_dtype("float16", "cuda:0") == "float16"  # asked for: kept
+    problem = devices.gpu_dtype_problem("bfloat16", "cuda:0")
+    assert "7.5" in problem and "emulated" in problem and "--dtype float32" in problem
+    assert devices.gpu_dtype_problem("float32", "cuda:0") is None
+
+
+def test_auto_dtype_on_a_modern_card(new_gpu):
+    assert devices.resolve_dtype("auto", "cuda:0") == "bfloat16"
+    assert devices.gpu_dtype_problem("bfloat16", "cuda:1") is None
+
+
+def test_resolve_run_keeps_a_dtype_given_without_an_option():
+    cfg = devices.resolve_run(RunConfig(strategy="ar", dtype="float32"))
+    assert cfg.dtype == "float32"
+    cfg = devices.resolve_run(RunConfig(strategy="ar", dtype_option="auto"))
+    assert cfg.dtype == "bfloat16"  # a CPU
+
+
+def test_weights_load_straight_onto_a_gpu():
+    assert devices_kwargs("cuda:1") == {"dtype": torch.bfloat16, "device_map": "cuda:1"}
+    assert devices_kwargs("cpu") == {"dtype": torch.bfloat16}
+
+
+def devices_kwargs(device):
+    from amusd_viz.engine.worker import load_kwargs
+
+    return load_kwargs("bfloat16", device)
+
+
+def test_model_bytes_scale_with_the_dtype(tiny_models):
+    on_disk = sum(f.stat().st_size for f in tiny_models["target"].glob("*.safetensors"))
+    # the tiny models are stored in float32
+    assert devices.model_bytes(str(tiny_models["target"]), "float32") == on_disk
+    assert devices.model_bytes(str(tiny_models["target"]), "bfloat16") == on_disk // 2
+
+
+def test_two_models_that_do_not_fit_one_gpu_stop_before_loading(tiny_models, monkeypatch):
+    target, draft = str(tiny_models["target"]), str(tiny_models["draft_far"])
+    need = int((devices.model_bytes(target, "float32") + devices.model_bytes(draft, "float32"))
+               * devices.MEMORY_HEADROOM)
+    free = {"cuda:0": need - 1, "cuda:1": need}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free[str(d)], 80 * 2 ** 30))
+    with pytest.raises(UserError, match=r"cuda:0 has .* GiB free .*--draft-device cuda:1"):
+        devices.check_gpu_memory([(target, "cuda:0"), (draft, "cuda:0")], "float32")
+    devices.check_gpu_memory([(target, "cuda:1"), (draft, "cuda:1")], "float32")  # fits
+    devices.check_gpu_memory([(target, "cuda:0"), (draft, "cpu")], "bfloat16")  # half each
+
+    def no_torch_for_cpus(d):
+        raise AssertionError("CPU placements must not query CUDA")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_torch_for_cpus)
+    devices.check_gpu_memory([(target, "cpu:0"), (draft, "cpu:1")], "float32")
+
+
+def test_the_engine_checks_memory_before_starting_workers(tiny_models, monkeypatch):
+    from amusd_viz.engine.session import Engine, EngineConfig
+    from amusd_viz.events import EventList
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (1024, 2 ** 30))
+    engine = Engine(EngineConfig("amusd", str(tiny_models["target"]),
+                                 str(tiny_models["draft_far"]), "cuda:0", "cuda:0", "float32"),
+                    EventList())
+    with pytest.raises(UserError, match="GiB free"):
+        engine.start()
+    assert engine.workers == {}  # nothing was started
+
+
+def test_bench_uses_the_devices_it_is_given_and_runs_each_setup_once(capsys):
+    assert devices_for("two", 0, [0, 1]) == ("cpu:0", "cpu:1")
+    assert devices_for("two", 0, [0, 1], "cpu:1", "cpu:0") == ("cpu:1", "cpu:0")
+    assert devices_for("all", 2, [0, 1], "cuda:1") == ("cuda:1", "cuda:1")
+    assert devices_for("two", 2, [0, 1]) == ("cuda:0", "cuda:1")
+    everything = ("ar", "ar-1dev", "sync", "sync-1dev", "amusd", "amusd-1dev")
+    one_gpu = plan_runs(BenchConfig(run=RunConfig(), strategies=everything), 1, [0, 1])
+    assert [r.label for r in one_gpu.runs] == ["ar", "sync", "amusd"]
+    assert "ar-1dev runs exactly as ar here" in capsys.readouterr().err
+    two_gpus = plan_runs(BenchConfig(run=RunConfig(), strategies=everything), 2, [0, 1])
+    assert [r.label for r in two_gpus.runs] == ["ar", "sync", "amusd", "amusd-1dev"]
+    cpu = plan_runs(BenchConfig(run=RunConfig(), strategies=everything), 0, [0, 1])
+    assert [r.label for r in cpu.runs] == list(everything)
+
+
+def test_float32_on_cuda_allows_a_near_tie_but_not_on_a_cpu():
+    top = [[{"id": 1, "logit": 20.0}, {"id": 2, "logit": 20.0 - 1e-4}]]
+    rows = [Result("ar", "p", "code", 0, 1, 0.1, 100.0, [1], tops=top),
+            Result("sync", "p", "code", 0, 1, 0.1, 100.0, [2])]
+    assert compare_with_ar(rows, "float32", device="cuda:0")[0]["verdict"] == "near-tie"
+    assert compare_with_ar(rows, "float32", device="cpu")[0]["verdict"] == "differs"
+
+
+def test_the_bench_flags_runs_that_lost_their_draft():
+    import io
+
+    from rich.console import Console
+
+    from amusd_viz.bench import summarize
+    from amusd_viz.bench_report import print_report
+
+    rows = [Result("ar", "p", "code", 0, 1, 0.1, 100.0, [1]),
+            Result("amusd", "p", "code", 0, 1, 0.1, 90.0, [1], draft_lost=True)]
+    s = summarize(rows, ["ar", "amusd"])
+    assert s["overall"]["amusd"]["draft_lost_runs"] == 1
+    out = io.StringIO()
+    print_report({"summary": s["overall"], "by_kind": s["by_kind"], "lossless": [],
+                  "settings": {"dtype": "bfloat16"}}, Console(file=out, width=140))
+    assert "amusd: the draft worker died in 1 of 1 runs" in out.getvalue()
+
+
+# the runner: batched tops, non-finite logits, warm-up shapes ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_models):
+    from amusd_viz.engine.worker import _load
+
+    return _load(str(tiny_models["target"]), "float32", "cpu", pack=False)
+
+
+def test_batched_tops_equal_one_row_at_a_time(runner):
+    runner.begin()
+    logits, *_ = runner.forward([5, 6, 7, 8, 9, 10], 4)
+    batched = runner.tops(logits)
+    for row, top in zip(logits, batched, strict=True):
+        probs = torch.softmax(row, -1)
+        p, idx = torch.topk(probs, runner.top_k)
+        assert [c["id"] for c in top] == idx.tolist()
+        assert [c["p"] for c in top] == [round(x, 4) for x in p.tolist()]
+        assert [c["logit"] for c in top] == [round(x, 5) for x in row[idx].tolist()]
+
+
+def test_non_finite_logits_fail_the_pass_with_a_clear_error(runner, monkeypatch):
+    from amusd_viz.engine.runner import NonFiniteLogits
+
+    real = runner.model.forward
+
+    def overflowing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.logits[..., 3] = float("nan")
+        return out
+
+    monkeypatch.setattr(runner.model, "forward", overflowing)
+    runner.begin()
+    with pytest.raises(NonFiniteLogits, match="--dtype bfloat16 or --dtype float32"):
+        runner.forward([5, 6, 7], 1)
+
+
+def test_warm_up_runs_every_shape_a_run_uses(runner, monkeypatch):
+    from amusd_viz.engine.worker import warm_up
+
+    calls = []
+    forward = runner.forward
+
+    def spy(seq, n_logits=1):
+        before = len(runner.ids)
+        out = forward(seq, n_logits)
+        calls.append((len(seq) - min(before, len(seq) - n_logits), n_logits))
+        return out
+
+    monkeypatch.setattr(runner, "forward", spy)
+    warm_up(runner)
+    fed = [n for n, _ in calls]
+    logits = [n for _, n in calls]
+    assert fed[0] >= 16 and 1 in fed  # a prefill and a one-token decode
+    assert {1, 4, 9} <= set(logits)  # verify passes of lookahead 3 and 8
+    assert runner.ids == []  # and the cache is left empty
