@@ -31,7 +31,7 @@ from amusd_viz.config import (
 )
 from amusd_viz.errors import RunFailed, UserError
 
-COMMANDS = ("bench", "replay", "export-trace", "stats", "models")
+COMMANDS = ("bench", "replay", "export-trace", "stats", "models", "serve")
 BENCH_STRATEGIES = "ar,ar-1dev,sync,sync-1dev,amusd,hf-assisted"
 
 
@@ -154,6 +154,7 @@ def build_run_parser() -> argparse.ArgumentParser:
                "  amusd-viz export-trace FILE -o OUT  write a Perfetto / chrome://tracing trace\n"
                "  amusd-viz stats FILE                statistics of an event log\n"
                "  amusd-viz models                    the known models and where they come from\n"
+               "  amusd-viz serve [-- ARGS]           the app in a web browser (one per tab)\n"
                "Run `amusd-viz COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -241,9 +242,26 @@ def _bench_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _serve_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="amusd-viz serve",
+                description="Serve the app to web browsers (textual-serve): every tab runs its "
+                            "own app. After `--`, what a terminal run takes: a live run's options "
+                            "(none: the default pair) or `replay FILE`. Example: amusd-viz serve "
+                            "-- replay assets/sample-amusd-code.jsonl")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; any other "
+                        "lets whoever reaches it run prompts here)")
+    p.add_argument("--port", type=_number(int, lambda v: 1 <= v <= 65535, "from 1 to 65535"),
+                   default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--max-live", type=positive_int, default=1, metavar="N",
+                   help="live runs at once (each loads the models); more visitors get a page "
+                        "saying so (default: 1); replays are not counted")
+    return p
+
+
 _COMMAND_PARSERS = {"models": _models_parser, "stats": _stats_parser,
                     "export-trace": _export_trace_parser, "replay": _replay_parser,
-                    "bench": _bench_parser}
+                    "bench": _bench_parser, "serve": _serve_parser}
 
 
 def build_command_parser(command: str) -> argparse.ArgumentParser:
@@ -254,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _terminate_as_interrupt()
     try:
+        if argv and argv[0] == "serve":
+            return _serve(argv[1:])
         if argv and argv[0] in COMMANDS:
             command = argv[0]
             args = build_command_parser(command).parse_args(argv[1:])
@@ -279,6 +299,14 @@ def _terminate_as_interrupt() -> None:
 
     with contextlib.suppress(ValueError):  # ValueError: not the main thread (tests)
         signal.signal(signal.SIGTERM, handler)
+
+
+def _serve(argv: list[str]) -> int:
+    from amusd_viz.serve import ServeConfig, serve_command, split_app_args
+
+    own, app_args = split_app_args(argv)
+    args = build_command_parser("serve").parse_args(own)
+    return serve_command(ServeConfig(args.host, args.port, args.max_live, tuple(app_args)))
 
 
 def _dispatch(command: str, args) -> int:

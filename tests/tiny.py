@@ -8,7 +8,7 @@ VOCAB = 100
 SPECIALS = ["<pad>", "<eos>", "<bos>"]
 
 
-def make_tokenizer():
+def make_tokenizer(vocab_size: int = VOCAB):
     """A byte-level, one-character-per-token tokenizer over printable ASCII (ids 3..97), the
     shape transformers rebuilds for a qwen2 config, so prompts like "hello world" encode."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -16,7 +16,7 @@ def make_tokenizer():
 
     chars = ["\u0120"] + [chr(c) for c in range(0x21, 0x7F)]  # byte-level: space is "Ġ"
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
-    vocab.update({f"<u{i}>": i for i in range(len(vocab), VOCAB)})
+    vocab.update({f"<u{i}>": i for i in range(len(vocab), vocab_size)})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

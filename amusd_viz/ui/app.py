@@ -217,7 +217,8 @@ class AmusdApp(App):
 
     def _redraw(self, force: bool = False) -> None:
         state = self.state
-        status = "paused" if self.paused else ""
+        # a seekable source (a replay) says "paused" in its own suffix
+        status = "paused" if self.paused and not self.source.can_seek else ""
         if state.version != self._drawn or force:
             self._drawn = state.version
             self.query_one(RunHeader).show(state, status + self.source.status_suffix())

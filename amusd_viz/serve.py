@@ -1,0 +1,128 @@
+"""`amusd-viz serve`: the same app in a browser, through textual-serve.
+
+Each browser tab gets an app process of its own (textual-serve starts the command below per
+connection, with Textual's web driver); closing the tab sends the app "quit", and the app stops
+its workers as it does in a terminal. Live runs load models (several GB each), so at most
+`--max-live` of them run at once: each takes a slot, a lock file held while its process lives
+(released by the kernel when it dies, however it dies); a visitor over the cap gets a page that
+says so (`amusd_viz.served`). Replays take no slot.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shlex
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from amusd_viz.errors import UserError
+
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str
+    port: int
+    max_live: int
+    app_args: tuple[str, ...]  # what a terminal run takes: run options, or `replay FILE`
+
+    @property
+    def live(self) -> bool:
+        return not self.app_args or self.app_args[0] != "replay"
+
+
+def split_app_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """serve's own options, and the app's (everything after the first `--`)."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def check_app_args(app_args: list[str], commands: tuple[str, ...]) -> None:
+    """The served command must be a run or a replay, and parse: checked now, so the server
+    never starts half-way and a visitor never meets a usage error."""
+    from amusd_viz import cli
+
+    if app_args and app_args[0] in commands and app_args[0] != "replay":
+        raise UserError(f"`{app_args[0]}` cannot be served: after `--` give a live run's options "
+                        "(or nothing, for the default pair) or `replay FILE`.")
+    if app_args and app_args[0] == "replay":
+        args = _parse(cli.build_command_parser("replay"), app_args[1:], "amusd-viz serve -- replay")
+        if not args.file.is_file():
+            raise UserError(f"replay {args.file}: no such file. Pass a log written with --events.")
+        return
+    args = _parse(cli.build_run_parser(), app_args, "amusd-viz serve --")
+    if args.headless:
+        raise UserError("--headless has no screen to serve; leave it out after `--`.")
+
+
+def _parse(parser, args: list[str], prog: str):
+    """Parse, a bad argument being the parser's one line (named as typed: `serve -- ...`)."""
+    parser.prog = prog
+    return parser.parse_args(args)
+
+
+def check_host(host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        raise UserError(f"--host {host!r} is neither an IP address nor a name this machine can "
+                        "resolve. Use 127.0.0.1 (this machine only) or an address of this "
+                        "machine.") from None
+
+
+def check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"port {port} on {host} is not free ({exc.strerror}). Pick another "
+                            "with --port, or stop what is using it.") from None
+
+
+def served_command(cfg: ServeConfig, slots: Path) -> str:
+    """The command textual-serve runs for each tab."""
+    parts = [sys.executable, "-m", "amusd_viz.served", "--slots", str(slots),
+             "--max-live", str(cfg.max_live if cfg.live else 0), "--", *cfg.app_args]
+    return shlex.join(parts)
+
+
+def serve_command(cfg: ServeConfig) -> int:
+    from amusd_viz.cli import COMMANDS
+
+    check_host(cfg.host)
+    check_app_args(list(cfg.app_args), COMMANDS)
+    check_port_free(cfg.host, cfg.port)
+    try:
+        from textual_serve.server import Server
+    except ImportError:
+        raise UserError("serve needs textual-serve, one of amusd-viz's dependencies: "
+                        "pip install textual-serve.") from None
+    if cfg.host not in LOCAL_HOSTS:
+        print(f"amusd-viz serve: warning: listening on {cfg.host}: anyone who can reach this "
+              "address can run prompts on this machine.", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="amusd-viz-serve-") as slots:
+        command = served_command(cfg, Path(slots))
+        what = "a live run" if cfg.live else " ".join(cfg.app_args)
+        print(f"amusd-viz serve: {what} on http://{_url_host(cfg.host)}:{cfg.port} "
+              f"(live sessions at once: {cfg.max_live}); Ctrl+C stops the server and every "
+              "session.", file=sys.stderr)
+        os.environ["AMUSD_VIZ_SERVED"] = "1"
+        Server(command, host=cfg.host, port=cfg.port, title="amusd-viz").serve()
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

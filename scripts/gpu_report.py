@@ -1,0 +1,165 @@
+"""The measuring half of scripts/gpu-check.sh: on each CUDA device, forward times per shape
+(cold and warm), then ar, sync and amusd through the real engine, with load time, host RSS and
+GPU memory per worker. Writes gpu-report.json and gpu-report.md into --out.
+
+The default pair cannot travel to a GPU machine without network (1.6 GB), so the models are
+random-weight Qwen2 models with the default pair's shapes (0.5B draft, 1.5B target, full
+vocabulary): timings are real, the text is noise, and a random draft is almost never accepted
+(the worst case for speculation). Pass --target/--draft to use real checkpoints where present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+SHAPES = {  # the default pair's shapes (Qwen2.5-Coder 0.5B / 1.5B)
+    "draft-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2),
+    "target-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                        num_attention_heads=12, num_key_value_heads=2),
+}
+VOCAB = 151936
+PASS_TOKENS = (1, 2, 4, 9, 16)  # decode, verify passes of lookahead 1, 3, 8, 15
+
+
+def make_shaped_model(path: Path, shape: dict, seed: int) -> Path:
+    from tiny import make_tokenizer
+    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
+
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=32768, tie_word_embeddings=True,
+                         bos_token_id=2, eos_token_id=1, pad_token_id=0, **shape)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    model.save_pretrained(path)
+    make_tokenizer(VOCAB).save_pretrained(path)
+    return path
+
+
+def forward_times(src: str, device: str, dtype: str) -> dict:
+    """Milliseconds per forward pass of each size: the first (cold) and the median of 10."""
+    from amusd_viz.engine.runner import Runner
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype),
+                                                 device_map=device).eval()
+    runner = Runner(model, device)
+    prompt = list(range(3, 99)) * 2
+    out = {}
+    for n in PASS_TOKENS:
+        times = []
+        for _ in range(11):
+            runner.reset()
+            runner.forward(prompt, 1)
+            start = time.perf_counter()
+            runner.forward(prompt + list(range(5, 5 + n)), n)
+            times.append(1000 * (time.perf_counter() - start))
+        out[f"{n} tokens"] = {"cold_ms": round(times[0], 3),
+                              "warm_ms": round(statistics.median(times[1:]), 3)}
+    del model, runner
+    torch.cuda.empty_cache()
+    return out
+
+
+def engine_run(strategy: str, target: str, draft: str, devices: tuple[str, str], dtype: str,
+               max_new: int) -> dict:
+    import psutil
+
+    from amusd_viz import stats
+    from amusd_viz.engine.session import Engine, EngineConfig
+    from amusd_viz.events import EventList
+
+    sink = EventList()
+    cfg = EngineConfig(strategy=strategy, target_src=target,
+                       draft_src=None if strategy == "ar" else draft,
+                       target_device=devices[0], draft_device=devices[1], dtype=dtype)
+    with Engine(cfg, sink) as engine:
+        start = time.perf_counter()
+        engine.start()
+        engine.wait_ready()
+        load_s = time.perf_counter() - start
+        rss = {role: round(psutil.Process(pid).memory_info().rss / 2 ** 30, 2)
+               for role, pid in engine.pids().items()}
+        gpu = {f"cuda:{i}": round(torch.cuda.mem_get_info(i)[1] / 2 ** 30
+                                  - torch.cuda.mem_get_info(i)[0] / 2 ** 30, 2)
+               for i in range(torch.cuda.device_count())}
+        prompt = list(range(3, 60))
+        engine.generate(prompt, 16, 8, frozenset())  # untimed warm-up, as the bench does
+        rows = []
+        for i in range(3):
+            sink.events = []
+            gen = engine.generate(prompt[i:], max_new, 8, frozenset())
+            s = stats.compute([*sink.events])
+            rows.append({"ms_per_token": 1000 * gen.wall_s / max(1, len(gen.token_ids)),
+                         "drafts_per_verify": _drafts_per_verify(sink.events),
+                         "overlap": s.overlap, "busy": s.busy})
+    return {"strategy": strategy, "devices": list(devices), "load_s": round(load_s, 2),
+            "host_rss_gib": rss, "gpu_used_gib": gpu,
+            "median_ms_per_token": round(statistics.median(r["ms_per_token"] for r in rows), 3),
+            "drafts_per_verify": rows[-1]["drafts_per_verify"], "overlap": rows[-1]["overlap"],
+            "busy": rows[-1]["busy"]}
+
+
+def _drafts_per_verify(events) -> float | None:
+    verifies = [e for e in events if e.type == "verify_result"]
+    return round(sum(len(e.proposed) for e in verifies) / len(verifies), 3) if verifies else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("gpu-check-out"))
+    parser.add_argument("--models", type=Path, default=Path("/tmp/amusd-gpu-models"))
+    parser.add_argument("--target"), parser.add_argument("--draft")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        print("gpu_report: no CUDA GPU here; nothing to measure.", file=sys.stderr)
+        return 1
+    target = args.target or str(make_shaped_model(args.models / "target", SHAPES["target-1.5b"], 1))
+    draft = args.draft or str(make_shaped_model(args.models / "draft", SHAPES["draft-0.5b"], 2))
+    report: dict = {"gpus": [torch.cuda.get_device_name(i) for i in range(gpus)],
+                    "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype,
+                    "forward": {}, "runs": []}
+    for name, src in (("target", target), ("draft", draft)):
+        report["forward"][name] = forward_times(src, "cuda:0", args.dtype)
+        print(f"forward {name}: {report['forward'][name]}", flush=True)
+    setups = [("ar", ("cuda:0", "cuda:0")), ("sync", ("cuda:0", "cuda:0")),
+              ("amusd", ("cuda:0", "cuda:0"))]
+    if gpus > 1:
+        setups.append(("amusd", ("cuda:0", "cuda:1")))
+    for strategy, devices in setups:
+        row = engine_run(strategy, target, draft, devices, args.dtype, args.max_new_tokens)
+        report["runs"].append(row)
+        print(json.dumps(row), flush=True)
+    (args.out / "gpu-report.json").write_text(json.dumps(report, indent=2))
+    lines = [f"# GPU check: {', '.join(report['gpus'])}, torch {report['torch']}, CUDA "
+             f"{report['cuda']}, {args.dtype}", "", "| model | pass | cold ms | warm ms |",
+             "|---|---|---|---|"]
+    for name, shapes in report["forward"].items():
+        lines += [f"| {name} | {k} | {v['cold_ms']} | {v['warm_ms']} |" for k, v in shapes.items()]
+    lines += ["", "| strategy | devices | ms/token | drafts/verify | both busy | load s | RSS GiB "
+              "| GPU GiB used |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['strategy']} | {'/'.join(r['devices'])} | {r['median_ms_per_token']} | "
+              f"{r['drafts_per_verify']} | {r['overlap']} | {r['load_s']} | {r['host_rss_gib']} | "
+              f"{r['gpu_used_gib']} |" for r in report["runs"]]
+    (args.out / "gpu-report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
