@@ -10,12 +10,15 @@ says so (`amusd_viz.served`). Replays take no slot.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shlex
+import signal
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,8 +123,76 @@ def serve_command(cfg: ServeConfig) -> int:
               f"(live sessions at once: {cfg.max_live}); Ctrl+C stops the server and every "
               "session.", file=sys.stderr)
         os.environ["AMUSD_VIZ_SERVED"] = "1"
-        Server(command, host=cfg.host, port=cfg.port, title="amusd-viz").serve()
+        _sessions_ending(Server)(command, host=cfg.host, port=cfg.port,
+                                 title="amusd-viz").serve()
     return 0
+
+
+SESSION_GRACE_S = 5.0  # on Ctrl+C, each tab's app gets this long to stop its workers
+
+
+def _sessions_ending(server: type) -> type:
+    class SessionsEndingServer(server):
+        """Ctrl+C / SIGTERM end every session before the server: a tab's app is sent SIGTERM
+        (it stops its workers as on Ctrl+C), and killed if it is still there after a grace
+        period (its workers then die with it). textual-serve alone would wait for each app
+        to quit on its own, for ever if it does not."""
+
+        def request_exit(self) -> None:
+            end_sessions(os.getpid())
+            super().request_exit()
+
+    return SessionsEndingServer
+
+
+def session_pids(server_pid: int) -> list[int]:
+    """The app processes (one per tab) under this server."""
+    return [pid for pid in _descendants(server_pid)
+            if _cmdline(pid).split(b"\0")[1:3] == [b"-m", b"amusd_viz.served"]]
+
+
+def end_sessions(server_pid: int) -> None:
+    pids = session_pids(server_pid)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + SESSION_GRACE_S
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [c for c, p in parents.items() if p == parent]
+        found += children
+        frontier += children
+    return found
 
 
 def _url_host(host: str) -> str:

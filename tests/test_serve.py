@@ -73,7 +73,7 @@ class Served:
     def stop(self) -> str:
         if self.proc.poll() is None:
             self.proc.send_signal(2)  # Ctrl+C
-        out, _ = self.proc.communicate(timeout=30)
+        out, _ = self.proc.communicate(timeout=60)
         return out
 
 
@@ -159,10 +159,11 @@ def app_share(png: bytes) -> float:
     return sum(1 for px in image.get_flattened_data() if px == APP_BACKGROUND) / (350 * 225)
 
 
-def first_frame(page, timeout: float = 30.0) -> tuple[bytes, float]:
+def first_frame(page, timeout: float = 120.0) -> tuple[bytes, float]:
     """Wait until the canvas shows the app (its background over most of the page, in many
     colours: not textual-serve's loading page, not a blank canvas); returns the screenshot and
-    the seconds from navigation to it."""
+    the seconds from navigation to it. A live run draws once it has found its models and
+    tokenizer (imports included: seconds on a busy 2-core machine)."""
     start = time.monotonic()
     while True:
         shot = page.screenshot()
