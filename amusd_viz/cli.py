@@ -302,11 +302,13 @@ def _terminate_as_interrupt() -> None:
 
 
 def _serve(argv: list[str]) -> int:
-    from amusd_viz.serve import ServeConfig, serve_command, split_app_args
+    from amusd_viz.serve import AppParsers, ServeConfig, serve_command, split_app_args
 
     own, app_args = split_app_args(argv)
     args = build_command_parser("serve").parse_args(own)
-    return serve_command(ServeConfig(args.host, args.port, args.max_live, tuple(app_args)))
+    parsers = AppParsers(COMMANDS, build_run_parser, _replay_parser)
+    return serve_command(ServeConfig(args.host, args.port, args.max_live, tuple(app_args)),
+                         parsers)
 
 
 def _dispatch(command: str, args) -> int:

@@ -10,6 +10,7 @@ says so (`amusd_viz.served`). Replays take no slot.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ipaddress
 import os
@@ -19,6 +20,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,15 @@ class ServeConfig:
         return not self.app_args or self.app_args[0] != "replay"
 
 
+@dataclass(frozen=True)
+class AppParsers:
+    """What the served app accepts, handed in by the CLI (which imports this module)."""
+
+    commands: tuple[str, ...]
+    run: Callable[[], argparse.ArgumentParser]
+    replay: Callable[[], argparse.ArgumentParser]
+
+
 def split_app_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """serve's own options, and the app's (everything after the first `--`)."""
     if "--" in argv:
@@ -47,20 +58,18 @@ def split_app_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def check_app_args(app_args: list[str], commands: tuple[str, ...]) -> None:
+def check_app_args(app_args: list[str], parsers: AppParsers) -> None:
     """The served command must be a run or a replay, and parse: checked now, so the server
     never starts half-way and a visitor never meets a usage error."""
-    from amusd_viz import cli
-
-    if app_args and app_args[0] in commands and app_args[0] != "replay":
+    if app_args and app_args[0] in parsers.commands and app_args[0] != "replay":
         raise UserError(f"`{app_args[0]}` cannot be served: after `--` give a live run's options "
                         "(or nothing, for the default pair) or `replay FILE`.")
     if app_args and app_args[0] == "replay":
-        args = _parse(cli.build_command_parser("replay"), app_args[1:], "amusd-viz serve -- replay")
+        args = _parse(parsers.replay(), app_args[1:], "amusd-viz serve -- replay")
         if not args.file.is_file():
             raise UserError(f"replay {args.file}: no such file. Pass a log written with --events.")
         return
-    args = _parse(cli.build_run_parser(), app_args, "amusd-viz serve --")
+    args = _parse(parsers.run(), app_args, "amusd-viz serve --")
     if args.headless:
         raise UserError("--headless has no screen to serve; leave it out after `--`.")
 
@@ -102,11 +111,9 @@ def served_command(cfg: ServeConfig, slots: Path) -> str:
     return shlex.join(parts)
 
 
-def serve_command(cfg: ServeConfig) -> int:
-    from amusd_viz.cli import COMMANDS
-
+def serve_command(cfg: ServeConfig, parsers: AppParsers) -> int:
     check_host(cfg.host)
-    check_app_args(list(cfg.app_args), COMMANDS)
+    check_app_args(list(cfg.app_args), parsers)
     check_port_free(cfg.host, cfg.port)
     try:
         from textual_serve.server import Server
