@@ -114,7 +114,7 @@ class Result:
     busy: dict = field(default_factory=dict)
     overlap: float | None = None
     curve: list[float] = field(default_factory=list)  # seconds at each committed token
-    tops: list = field(default_factory=list)  # target top-2 ids and logits per position (ar)
+    tops: list = field(default_factory=list)  # target top-5 ids and logits per position (ar)
     draft_lost: bool = False  # the draft worker died: the target finished alone
 
 
@@ -164,8 +164,8 @@ def _checked_for_identity(strategy: str, rule: str) -> bool:
 
 def compare_with_ar(results: list[Result], dtype: str, rule: str = "greedy",
                     device: str = "cpu") -> list[dict]:
-    """identical / near-tie (the diverging token is `ar`'s runner-up there and the top-2 logits
-    are within a few ulps: amusd_viz/lossless.py) / parted (a sampled run outside the exact
+    """identical / near-tie (the diverging token is one of `ar`'s top-5 there, within a few ulps
+    of its top logit: amusd_viz/lossless.py) / parted (a sampled run outside the exact
     mode: rounding can flip a perturbed near-tie, and the perturbed scores are not logged) /
     differs (a bug)."""
     ar = {(r.prompt_id, r.repeat): r for r in results if r.strategy == "ar"}
@@ -175,7 +175,9 @@ def compare_with_ar(results: list[Result], dtype: str, rule: str = "greedy",
         if r.strategy == "ar" or ref is None or not _checked_for_identity(r.strategy, rule):
             continue
         pos = _first_difference(r.token_ids, ref.token_ids)
-        top = lossless.top_two(ref.tops[pos]) if pos is not None and pos < len(ref.tops) else None
+        token = r.token_ids[pos] if pos is not None and pos < len(r.token_ids) else None
+        top = (lossless.top_two(ref.tops[pos], token, ref.token_ids[pos])
+               if pos is not None and pos < len(ref.tops) and pos < len(ref.token_ids) else None)
         if pos is None:
             verdict = "identical"
         elif rule != "greedy" and not lossless.exact(dtype, device):
@@ -304,7 +306,7 @@ def _result(name: str, prompt: Prompt, repeat: int, gen, events) -> Result:
         expected_acceptance=s.expected_acceptance,
         busy=s.busy, overlap=s.overlap,
         curve=[e.t - gen.start_t for e in commits],
-        tops=[[{"id": c.id, "logit": c.logit} for c in e.top[:2]] for e in commits]
+        tops=[[{"id": c.id, "logit": c.logit} for c in e.top] for e in commits]
         if name == "ar" else [], draft_lost=gen.draft_lost)
 
 

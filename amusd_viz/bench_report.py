@@ -82,12 +82,12 @@ def print_report(report: dict, console: Console | None = None) -> list[dict]:
                   f"{len(bad)} DIFFER", highlight=False)
     for v in near[:NEAR_TIES_SHOWN]:
         console.print(f"  near-tie: {v['strategy']} on {v['prompt']} at token "
-                      f"{v['first_difference']} (the runner-up; target's top-2 logit gap "
+                      f"{v['first_difference']} (among ar's top 5; logit gap to ar's choice "
                       f"{v['top2_logit_gap']} <= {v['tolerance']})",
                       highlight=False)
     for v in bad:
         print(f"  DIFFERS (a bug): {v['strategy']} on {v['prompt']} at token "
-              f"{v['first_difference']} (not a near-tie: top-2 logit gap {v['top2_logit_gap']}, "
+              f"{v['first_difference']} (not a near-tie: logit gap {v['top2_logit_gap']}, "
               f"tolerance {v['tolerance']})", file=sys.stderr)
     if report["summary"]:
         console.print("\n" + terminal_chart(report["summary"]), highlight=False, markup=False)

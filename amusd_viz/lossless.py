@@ -3,9 +3,10 @@
 
 A run may part from the target alone (`ar`) only where exactness is not promised (bf16/float16
 anywhere, float32 on CUDA, whose kernels differ between one- and k-token passes) and only at a
-real near-tie: the diverging token is `ar`'s runner-up at that position and `ar`'s top-2 logits
-lie within a few units in the last place (ulps) of the dtype at their magnitude. Anything else
-is a bug.
+real near-tie: the diverging token is among `ar`'s top candidates at that position (bf16 logits
+often tie three ways, and an exact tie may be listed either way round) and its logit lies within
+a few units in the last place (ulps) of the dtype of the logit of `ar`'s own choice. Anything
+else is a bug.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ NEAR_TIE_ULPS = {"bfloat16": 4, "float16": 4, "float32": 128}
 
 @dataclass(frozen=True)
 class TopTwo:
-    """The reference run's best two candidates at one position, as raw logits."""
+    """The reference run's own choice at one position and another candidate, as raw logits."""
 
     first_id: int
     first_logit: float
@@ -56,16 +57,21 @@ def is_near_tie(token: int, top: TopTwo | None, dtype: str, device: str) -> bool
     """May a run that chose `token` where `ar` chose `top.first_id` still be correct?"""
     if exact(dtype, device) or top is None or token != top.second_id:
         return False
-    return 0 <= top.gap <= tolerance(top, dtype)
+    return abs(top.gap) <= tolerance(top, dtype)  # an exact tie may be listed either way round
 
 
-def top_two(candidates: list[dict]) -> TopTwo | None:
-    """From a logged top list ({"id", "logit", ...} dicts, best first); None without logits
-    (a log from before logits were recorded, or a sampled run's top of p)."""
-    if len(candidates) < 2 or any(c.get("logit") is None for c in candidates[:2]):
+def top_two(candidates: list[dict], token: int | None = None,
+            chosen: int | None = None) -> TopTwo | None:
+    """From a logged top list ({"id", "logit", ...} dicts, best first): the reference's own
+    choice (`chosen`; at an exact tie the list's order may put another token first) and
+    `token` where it is among the others (else the best other); None without logits (a log
+    from before logits were recorded, or a sampled run's top of p)."""
+    if len(candidates) < 2 or any(c.get("logit") is None for c in candidates):
         return None
-    a, b = candidates[0], candidates[1]
-    return TopTwo(int(a["id"]), float(a["logit"]), int(b["id"]), float(b["logit"]))
+    first = next((c for c in candidates if c["id"] == chosen), candidates[0])
+    others = [c for c in candidates if c is not first]
+    other = next((c for c in others if c["id"] == token), others[0])
+    return TopTwo(int(first["id"]), float(first["logit"]), int(other["id"]), float(other["logit"]))
 
 
 def note(dtype: str, device: str = "cpu") -> str | None:

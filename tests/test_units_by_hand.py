@@ -57,6 +57,13 @@ def test_near_tie_needs_the_runner_up_within_a_few_ulps(token, top, dtype, devic
 def test_top_two_reads_logged_candidates():
     assert top_two([{"id": 5, "logit": 3.5, "p": 0.6}, {"id": 9, "logit": 3.25, "p": 0.3}]) == \
         TopTwo(5, 3.5, 9, 3.25)
+    three = [{"id": 5, "logit": 3.5}, {"id": 9, "logit": 3.25}, {"id": 2, "logit": 3.25}]
+    assert top_two(three, token=2) == TopTwo(5, 3.5, 2, 3.25)  # the diverging token's logit
+    assert top_two(three, token=77) == TopTwo(5, 3.5, 9, 3.25)  # not among them: the runner-up
+    # an exact tie listed the other way round: the reference chose 9, the run 5
+    tie = [{"id": 5, "logit": 21.375}, {"id": 9, "logit": 21.375}, {"id": 2, "logit": 14.8}]
+    assert top_two(tie, token=5, chosen=9) == TopTwo(9, 21.375, 5, 21.375)
+    assert is_near_tie(5, top_two(tie, token=5, chosen=9), "bfloat16", "cpu")
     assert top_two([{"id": 5, "logit": None}, {"id": 9, "logit": 1.0}]) is None
     assert top_two([{"id": 5, "logit": 1.0}]) is None
 
@@ -77,17 +84,22 @@ def _result(strategy, ids, prompt="p1", tops=(), ms=100.0, kind="code", busy=Non
 
 AR_TOPS = [[{"id": 1, "logit": 20.0}, {"id": 7, "logit": 19.875}],  # a near-tie at 0
            [{"id": 2, "logit": 20.0}, {"id": 8, "logit": 18.0}],  # far apart at 1
-           [{"id": 3, "logit": 10.0}, {"id": 9, "logit": 9.9375}]]  # 1 ulp at 2
+           [{"id": 3, "logit": 10.0}, {"id": 9, "logit": 9.9375}],  # 1 ulp at 2
+           # a three-way tie at 3 (bf16 logits tie often); 6 is 5 ulps down
+           [{"id": 4, "logit": 20.0}, {"id": 5, "logit": 19.875}, {"id": 11, "logit": 19.875},
+            {"id": 6, "logit": 19.375}]]
 
 
 def test_compare_with_ar_verdicts_by_hand():
     results = [
-        _result("ar", [1, 2, 3], tops=AR_TOPS),
-        _result("same", [1, 2, 3]),
-        _result("runner_up_at_tie", [7, 5, 5]),  # ar's runner-up at a 1-ulp gap
-        _result("runner_up_far", [1, 8, 3]),  # ar's runner-up, but 2.0 apart
-        _result("third_at_tie", [1, 2, 4]),  # gap of one ulp, but not the runner-up
-        _result("short", [1, 2]),  # stopped early
+        _result("ar", [1, 2, 3, 4], tops=AR_TOPS),
+        _result("same", [1, 2, 3, 4]),
+        _result("runner_up_at_tie", [7, 5, 5, 5]),  # ar's runner-up at a 1-ulp gap
+        _result("runner_up_far", [1, 8, 3, 4]),  # ar's runner-up, but 2.0 apart
+        _result("third_at_tie", [1, 2, 4, 4]),  # gap of one ulp, but not among ar's top
+        _result("tied_for_second", [1, 2, 3, 11]),  # ar's third, tied with its runner-up
+        _result("fourth_too_far", [1, 2, 3, 6]),  # ar's fourth, 5 ulps down
+        _result("short", [1, 2, 3]),  # stopped early
     ]
     got = {v["strategy"]: v for v in compare_with_ar(results, "bfloat16")}
     assert got["same"]["verdict"] == "identical" and got["same"]["first_difference"] is None
@@ -96,7 +108,10 @@ def test_compare_with_ar_verdicts_by_hand():
         ("near-tie", 0, 0.125, 0.5)
     assert got["runner_up_far"]["verdict"] == "differs"
     assert got["third_at_tie"]["verdict"] == "differs"
-    assert (got["short"]["verdict"], got["short"]["first_difference"]) == ("differs", 2)
+    assert (got["tied_for_second"]["verdict"], got["tied_for_second"]["top2_logit_gap"]) == \
+        ("near-tie", 0.125)
+    assert got["fourth_too_far"]["verdict"] == "differs"
+    assert (got["short"]["verdict"], got["short"]["first_difference"]) == ("differs", 3)
     # float32 on a CPU: the same near-tie is a bug
     exact = {v["strategy"]: v for v in compare_with_ar(results, "float32")}
     assert exact["runner_up_at_tie"]["verdict"] == "differs"
@@ -104,8 +119,8 @@ def test_compare_with_ar_verdicts_by_hand():
 
 
 def test_compare_with_ar_under_sampling_rules():
-    results = [_result("ar", [1, 2, 3], tops=AR_TOPS), _result("sync", [1, 5, 5]),
-               _result("hf-assisted", [4, 4, 4])]
+    results = [_result("ar", [1, 2, 3, 4], tops=AR_TOPS), _result("sync", [1, 5, 5, 5]),
+               _result("hf-assisted", [4, 4, 4, 4])]
     coupled = {v["strategy"]: v["verdict"] for v in compare_with_ar(results, "bfloat16", "coupled")}
     assert coupled == {"sync": "parted"}  # transformers' own sampler promises no identity
     exact = {v["strategy"]: v["verdict"] for v in compare_with_ar(results, "float32", "coupled")}
