@@ -154,8 +154,8 @@ def _sessions_ending(server: type) -> type:
 
 def session_pids(server_pid: int) -> list[int]:
     """The app processes (one per tab) under this server."""
-    return [pid for pid in _descendants(server_pid)
-            if _cmdline(pid).split(b"\0")[1:3] == [b"-m", b"amusd_viz.served"]]
+    return [pid for pid in descendants(server_pid)
+            if cmdline(pid).split(b"\0")[1:3] == [b"-m", b"amusd_viz.served"]]
 
 
 def end_sessions(server_pid: int) -> None:
@@ -164,29 +164,32 @@ def end_sessions(server_pid: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + SESSION_GRACE_S
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.05)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
-def _cmdline(pid: int) -> bytes:
+def cmdline(pid: int) -> bytes:
+    """A process's argv as /proc has it (NUL-separated); empty once it is gone."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Running (a zombie is gone for every purpose here)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
+    """Every process under `root` (children, grandchildren, ...), from /proc."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

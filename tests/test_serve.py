@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from amusd_viz.serve import alive as _alive
+from amusd_viz.serve import cmdline, descendants, session_pids
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REPLAY = ASSETS / "sample-amusd-code.jsonl"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -64,11 +67,10 @@ class Served:
 
     def apps(self) -> list[int]:
         """The app processes (one per open tab)."""
-        return [p for p in descendants(self.proc.pid)
-                if _cmdline(p).split(b"\0")[1:3] == [b"-m", b"amusd_viz.served"]]
+        return [p for p in session_pids(self.proc.pid) if _alive(p)]
 
     def workers(self) -> list[int]:
-        return [p for p in descendants(self.proc.pid) if b"spawn_main" in _cmdline(p)]
+        return [p for p in descendants(self.proc.pid) if _alive(p) and b"spawn_main" in cmdline(p)]
 
     def stop(self) -> str:
         if self.proc.poll() is None:
@@ -80,38 +82,6 @@ class Served:
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def descendants(root: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [c for c, p in parents.items() if p == pid]
-        found += [c for c in children if _alive(c)]
-        frontier += children
-    return found
 
 
 def wait_until(condition, timeout: float, step: float = 0.1) -> bool:
@@ -178,7 +148,7 @@ def test_a_served_replay_draws_takes_keys_and_ends_with_its_tab(browser, tmp_pat
     try:
         page = browser.new_page(viewport=VIEWPORT)
         page.goto(served.url)
-        shot, seconds = first_frame(page)
+        _, seconds = first_frame(page)
         print(f"\nfirst frame {seconds:.2f} s after navigation")
         assert wait_until(lambda: len(served.apps()) == 1, 10)
         out = os.environ.get("AMUSD_VIZ_SCREENSHOTS")
@@ -231,7 +201,7 @@ def test_a_live_session_starts_workers_that_end_with_the_tab_and_the_cap_holds(b
         assert wait_until(lambda: not any(_alive(p) for p in workers), 10), "workers survived"
         second.close()
         assert wait_until(lambda: not any(_alive(p) for p in apps), 20), \
-            [_cmdline(p)[-80:] for p in apps if _alive(p)]
+            [cmdline(p)[-80:] for p in apps if _alive(p)]
     finally:
         log = served.stop()
     assert served.proc.returncode == 0, log
