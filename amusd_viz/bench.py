@@ -42,6 +42,14 @@ KNOWN: dict[str, tuple[EngineStrategy, str, bool]] = {
     "hf-lookup": ("hf-assisted", "all", True),
 }
 NGRAM_RUNS = {"sync-ngram", "amusd-ngram", "hf-lookup"}  # these draft with `ngram`
+# the same engine with a policy switched off, to race the two (RunConfig fields)
+VARIANTS: dict[str, dict] = {
+    "sync-fixed": {"adaptive": False},
+    "amusd-nocache": {"spec_cache": False},
+    "amusd-plain": {"spec_cache": False, "adaptive": False},
+}
+for _name in VARIANTS:
+    KNOWN[_name] = KNOWN[_name.split("-")[0]]
 DESCRIPTIONS = {
     "ar": "target alone, all cores / its GPU (the strongest plain baseline)",
     "ar-1dev": "target alone on one device (the paper's baseline)",
@@ -54,6 +62,9 @@ DESCRIPTIONS = {
     "sync-ngram": "speculative decoding with the n-gram (prompt lookup) drafter, all cores",
     "amusd-ngram": "asynchronous, n-gram drafter in its own process, target on all cores",
     "hf-lookup": "transformers prompt lookup decoding (the same idea, its own code)",
+    "sync-fixed": "sync drafting the full lookahead every time (--adaptive off)",
+    "amusd-nocache": "amusd without the speculation cache (--spec-cache off)",
+    "amusd-plain": "amusd with neither the cache nor the adaptive draft (both off)",
 }
 
 
@@ -116,6 +127,11 @@ class Result:
     curve: list[float] = field(default_factory=list)  # seconds at each committed token
     tops: list = field(default_factory=list)  # target top-5 ids and logits per position (ar)
     draft_lost: bool = False  # the draft worker died: the target finished alone
+    target_passes: int = 0
+    solo_passes: int = 0  # target passes without drafts
+    drafts_per_verify: float | None = None
+    cache_hits: int = 0
+    cache_misses: int = 0
 
 
 def devices_for(kind: str, gpus: int, cores: list[int],
@@ -212,6 +228,9 @@ def summarize(results: list[Result], names: list[str]) -> dict:
                 for dev, share in r.busy.items():
                     busy.setdefault(dev, []).append(share)
             overlap = [r.overlap for r in mine if r.overlap is not None]
+            passes = sum(r.target_passes for r in mine)
+            verdicts = sum(r.cache_hits + r.cache_misses for r in mine)
+            drafts = [r.drafts_per_verify for r in mine if r.drafts_per_verify is not None]
             out[name] = {
                 "runs": len(mine),
                 # runs whose draft died (out of memory, say): the target decoded alone, so
@@ -227,6 +246,12 @@ def summarize(results: list[Result], names: list[str]) -> dict:
                 "expected_acceptance": round(statistics.mean(expected), 3) if expected else None,
                 "busy": {d: round(median(v), 3) for d, v in busy.items()},
                 "both_busy": round(median(overlap), 3) if overlap else None,
+                # target passes without drafts, of all passes after the prefill
+                "solo_share": round(sum(r.solo_passes for r in mine) / passes, 3) if passes
+                else None,
+                "drafts_per_verify": round(statistics.mean(drafts), 2) if drafts else None,
+                "cache_hit_rate": round(sum(r.cache_hits for r in mine) / verdicts, 3)
+                if verdicts else None,
             }
         for ref in ("ar", "sync"):
             base = out.get(ref, {}).get("median_ms_per_token")
@@ -280,7 +305,7 @@ def plan_runs(cfg: BenchConfig, gpus: int, cores: list[int]) -> BenchPlan:
     runs: list[PlannedRun] = []
     seen: dict[tuple, str] = {}
     for name in names:
-        setup = (KNOWN[name][0], name in NGRAM_RUNS, devices_for(
+        setup = (KNOWN[name][0], name in NGRAM_RUNS, str(VARIANTS.get(name)), devices_for(
             KNOWN[name][1], gpus, cores, cfg.run.target_device_option, cfg.run.draft_device_option))
         if setup in seen:  # on a GPU, "ar-1dev" is "ar" again: run it once
             print(f"amusd-viz bench: {name} runs exactly as {seen[setup]} here; skipped.",
@@ -307,7 +332,10 @@ def _result(name: str, prompt: Prompt, repeat: int, gen, events) -> Result:
         busy=s.busy, overlap=s.overlap,
         curve=[e.t - gen.start_t for e in commits],
         tops=[[{"id": c.id, "logit": c.logit} for c in e.top] for e in commits]
-        if name == "ar" else [], draft_lost=gen.draft_lost)
+        if name == "ar" else [], draft_lost=gen.draft_lost,
+        target_passes=s.target_passes, solo_passes=s.solo_passes,
+        drafts_per_verify=s.mean_drafts_per_verify, cache_hits=s.cache_hits,
+        cache_misses=s.cache_misses)
 
 
 def _window_stats(events, gen) -> run_stats.RunStats:
@@ -338,6 +366,7 @@ class _Runner:
                                                   base.draft_device_option)
         runs_on = target_device if draft_runs_with_target(run.engine_strategy) else draft_device
         run_cfg = base.model_copy(update={
+            **VARIANTS.get(run.name, {}),
             "target_device": target_device, "draft_device": draft_device,
             "draft_quant": "none" if ngram else resolve_draft_quant(base.draft_quant_option,
                                                                       runs_on)})

@@ -28,6 +28,7 @@ def summary_table(summary: dict, title: str | None = None) -> Table:
     for header, justify in (("strategy", "left"), ("ms/token", "right"), ("min-max", "right"),
                             ("vs ar", "right"), ("vs sync", "right"), ("acc/pass", "right"),
                             ("accept", "right"), ("per check", "right"), ("Σmin(p,q)", "right"),
+                            ("drafts/pass", "right"), ("solo", "right"), ("cache hit", "right"),
                             ("busy", "left")):
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for name, row in summary.items():
@@ -38,6 +39,9 @@ def summary_table(summary: dict, title: str | None = None) -> Table:
                       _speedup(row["speedup_vs_ar"]), _speedup(row["speedup_vs_sync"]),
                       "-" if acc is None else f"{acc:.2f}", _pct(row["acceptance_rate"]),
                       _pct(row.get("acceptance_per_check")), _pct(row.get("expected_acceptance")),
+                      "-" if row.get("drafts_per_verify") is None
+                      else f"{row['drafts_per_verify']:.1f}",
+                      _pct(row.get("solo_share")), _pct(row.get("cache_hit_rate")),
                       busy or "-")
     return table
 

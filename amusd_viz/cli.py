@@ -114,6 +114,16 @@ def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> N
         g.add_argument("--lookahead", type=positive_int, default=DEFAULT_LOOKAHEAD, metavar="K",
                        help=f"draft tokens verified per target pass at most (default: "
                             f"{DEFAULT_LOOKAHEAD})")
+    on_off = ("on", "off")
+    g.add_argument("--adaptive", choices=on_off, default="on",
+                   help="sync and amusd: draft only as far as the draft's own confidence makes "
+                        "a token worth its step (the lookahead stays the most), and let amusd's "
+                        "target wait a step or two for a draft instead of decoding alone "
+                        "(default: on)")
+    g.add_argument("--spec-cache", choices=on_off, default="on",
+                   help="amusd: while the target verifies, also draft on branches that bet on "
+                        "its likeliest corrections, so that a hit hands it drafts at once "
+                        "(default: on)")
     max_new = DEFAULT_BENCH_MAX_NEW if bench else DEFAULT_MAX_NEW
     g.add_argument("--max-new-tokens", type=positive_int, default=max_new, metavar="N",
                    help=f"stop after N generated tokens, or at end of sequence (default: "
@@ -368,7 +378,8 @@ def _model_settings(args) -> dict:
             "dtype_option": args.dtype,
             "max_new_tokens": args.max_new_tokens, "stall_timeout": args.stall_timeout,
             "target_device_option": args.target_device, "draft_device_option": args.draft_device,
-            "draft_quant_option": args.draft_quant}
+            "draft_quant_option": args.draft_quant, "adaptive": args.adaptive == "on",
+            "spec_cache": args.spec_cache == "on"}
 
 
 def build_run_config(args) -> RunConfig:

@@ -101,6 +101,8 @@ class RunConfig(BaseModel):
     stall_timeout: float = Field(DEFAULT_STALL_TIMEOUT, gt=0)
     preamble_cache: bool = True  # feed the chat template's fixed head once, at load time
     wait_steps: float = Field(0.0, ge=0)  # amusd, experimental (docs/protocol.md, "Pace")
+    adaptive: bool = True  # --adaptive: draft only as far as it is worth (sync, amusd)
+    spec_cache: bool = True  # --spec-cache: amusd's speculation cache
     # Sampling (docs/protocol.md, "Sampling"); temperature 0 is greedy.
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -17,7 +17,8 @@ from amusd_viz.config import EngineStrategy
 SCHEMA_VERSION = 2
 
 Role = Literal["draft", "target"]
-Phase = Literal["prefill", "draft", "verify", "decode", "lookup"]  # lookup: the n-gram drafter
+# lookup: the n-gram drafter; branch: a draft step for the speculation cache (a bet on a rejection)
+Phase = Literal["prefill", "draft", "verify", "decode", "lookup", "branch"]
 How = Literal["accepted", "correction", "resampled", "bonus", "decoded"]
 
 
@@ -104,6 +105,9 @@ class DraftProposed(_Event):
     # followed an earlier occurrence of the last ngram_n tokens
     ngram_n: int | None = None
     ngram_from: int | None = None
+    # amusd's speculation cache: drafted ahead on a branch, handed over at once on a hit
+    cached: bool = False
+    branch_root: int | None = None  # the position whose verdict that branch bet on
 
 
 class VerifyResult(_Event):
@@ -120,6 +124,41 @@ class VerifyResult(_Event):
     accept_prob: list[float] = Field(default_factory=list)  # min(1, p/q)
     u: list[float] = Field(default_factory=list)  # rejection rule: the draw (accept if u < a)
     overlap: list[float] = Field(default_factory=list)  # sum(min(p, q)): expected acceptance
+    # Why the draft proposed no more (sync, adaptive lookahead): "confidence" when the chance
+    # that one more draft is accepted no longer paid for its step; None: the lookahead, EOS or
+    # the token budget
+    draft_stop: str | None = None
+    # amusd: the drafts came from a speculation-cache branch that bet on the previous verdict
+    from_cache: bool = False
+
+
+class BranchStep(_Event):
+    """amusd's speculation cache: a draft step on a branch that bets the target rejects the
+    draft at `root` and commits `root_token` there (the draft's own runner-up); `token_id` is
+    the draft's proposal at `pos` on that branch (depth 1 = just after the root)."""
+
+    type: Literal["branch_step"] = "branch_step"
+    root: int
+    root_token: int
+    root_text: str
+    pos: int
+    token_id: int
+    text: str
+    depth: int
+    value: float  # the draft's estimate of the chance this token is needed
+
+
+class CacheVerdict(_Event):
+    """amusd's speculation cache at a rejection the draft saw: was a branch ready for the
+    target's token at `pos`? On a hit its `handed` drafts were published at once."""
+
+    type: Literal["cache_verdict"] = "cache_verdict"
+    pos: int
+    token_id: int
+    hit: bool
+    handed: int = 0  # drafts handed to the target from the branch
+    branches: int = 0  # branches that were ready (all dropped now)
+    wasted: int = 0  # branch tokens drafted and not used
 
 
 class Rollback(_Event):
@@ -167,6 +206,8 @@ Event = Annotated[
     | DraftProposed
     | VerifyResult
     | Rollback
+    | BranchStep
+    | CacheVerdict
     | TokenCommitted
     | WorkerLost
     | RunFinished

@@ -31,6 +31,19 @@ class RunStats:
     accepted_histogram: dict[int, int] = field(default_factory=dict)  # accepted count -> passes
     rollbacks: int = 0
     wasted_draft_tokens: int = 0
+    target_passes: int = 0  # after the prefill: verify passes and solo passes
+    solo_passes: int = 0  # target passes with no draft to check (one token for a whole pass)
+    mean_drafts_per_verify: float | None = None  # the lookahead actually used
+    confidence_stops: int = 0  # sync, adaptive: passes whose drafting stopped on confidence
+    # amusd's speculation cache (engine/speccache.py): at each rejection the draft saw, was a
+    # branch ready with the target's token? Passes that took their drafts from a branch;
+    # branch tokens drafted, and those never handed over
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_hit_rate: float | None = None
+    cached_passes: int = 0
+    branch_tokens: int = 0
+    wasted_branch_tokens: int = 0
     draft_tokens: int = 0
     busy: dict[str, float] = field(default_factory=dict)  # device -> busy share of the run
     overlap: float | None = None  # share of the run where draft and target both computed
@@ -82,6 +95,7 @@ class _Tally:
         self.spans: dict[tuple[str, str], list[tuple[float, float]]] = {}
         self.first_prefill: float | None = None
         self.overlaps: list[float] = []
+        self.handed = 0  # branch drafts handed over at hits
 
     def add(self, e) -> None:
         s, kind = self.s, e.type
@@ -95,6 +109,14 @@ class _Tally:
             s.draft_tokens += 1
         elif kind == "verify_result":
             self.add_verify(e)
+        elif kind == "branch_step":
+            s.branch_tokens += 1
+        elif kind == "cache_verdict":
+            if e.hit:
+                s.cache_hits += 1
+                self.handed += e.handed
+            else:
+                s.cache_misses += 1
         elif kind == "rollback":
             s.rollbacks += 1
             s.wasted_draft_tokens += len(e.discarded)
@@ -113,7 +135,11 @@ class _Tally:
     def add_verify(self, e) -> None:
         s = self.s
         self.committed_per_pass.append(len(e.committed))
+        s.target_passes += 1
+        s.cached_passes += bool(getattr(e, "from_cache", False))
+        s.confidence_stops += getattr(e, "draft_stop", None) == "confidence"
         if not e.proposed:
+            s.solo_passes += 1
             return
         s.verify_passes += 1
         self.overlaps.extend(getattr(e, "overlap", []))
@@ -134,6 +160,10 @@ class _Tally:
             s.acceptance_per_check = self.accepted / self.checked if self.checked else None
             s.acceptance_by_position = [self.passed[i] / self.reached[i]
                                         for i in sorted(self.reached)]
+            s.mean_drafts_per_verify = self.proposed / s.verify_passes
+        if s.cache_hits + s.cache_misses:
+            s.cache_hit_rate = s.cache_hits / (s.cache_hits + s.cache_misses)
+        s.wasted_branch_tokens = s.branch_tokens - self.handed
         if self.overlaps:
             s.expected_acceptance = sum(self.overlaps) / len(self.overlaps)
         if self.committed_per_pass:
@@ -204,6 +234,17 @@ def format_stats(s: RunStats) -> str:
         f"draft tokens           {s.draft_tokens}",
         f"rollbacks              {s.rollbacks}",
         f"wasted draft tokens    {s.wasted_draft_tokens}",
+        f"target passes          {s.target_passes} ({s.solo_passes} solo, without drafts)",
+        f"drafts / verify pass   {num(s.mean_drafts_per_verify)}",
+        f"stopped on confidence  {s.confidence_stops} passes",
+    ]
+    if s.cache_hits + s.cache_misses or s.branch_tokens:
+        lines += [
+            f"speculation cache      {s.cache_hits} hits, {s.cache_misses} misses "
+            f"({pct(s.cache_hit_rate)}); {s.cached_passes} passes took a branch's drafts",
+            f"branch tokens          {s.branch_tokens} ({s.wasted_branch_tokens} never handed over)",
+        ]
+    lines += [
         "committed by kind      " + (" ".join(f"{k}:{v}" for k, v in sorted(s.how.items())) or "-"),
     ]
     for device, share in s.busy.items():

@@ -13,6 +13,18 @@ def _us(seconds: float) -> float:
     return round(seconds * 1e6, 3)
 
 
+def _draft_instant(e, tid: int) -> dict:
+    """A rollback, or the speculation cache's verdict at a rejection, on the draft's lane."""
+    if e.type == "rollback":
+        name, args = "rollback", {"to_pos": e.to_pos, "discarded": len(e.discarded)}
+    else:
+        name = "cache hit" if e.hit else "cache miss"
+        args = {"pos": e.pos, "token": e.token_id, "handed": e.handed, "branches": e.branches,
+                "wasted": e.wasted}
+    return {"ph": "i", "pid": PID, "tid": tid, "s": "t", "name": name, "ts": _us(e.t),
+            "args": args}
+
+
 def to_trace(events, window_s: float = 1.0) -> dict:
     lanes: dict[str, int] = {}
     out: list[dict] = []
@@ -59,10 +71,8 @@ def to_trace(events, window_s: float = 1.0) -> dict:
             if proposed:
                 out.append({"ph": "C", "pid": PID, "name": "acceptance rate", "ts": _us(e.t),
                             "args": {"rate": round(accepted / proposed, 4)}})
-        elif e.type == "rollback":
-            tid = lane("draft", devices.get("draft", "?"))
-            out.append({"ph": "i", "pid": PID, "tid": tid, "s": "t", "name": "rollback",
-                        "ts": _us(e.t), "args": {"to_pos": e.to_pos, "discarded": len(e.discarded)}})
+        elif e.type in ("rollback", "cache_verdict"):
+            out.append(_draft_instant(e, lane("draft", devices.get("draft", "?"))))
         elif e.type == "token_committed":
             commits.append(e.t)
             recent = [t for t in commits if t > e.t - window_s]

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections import Counter
@@ -35,7 +36,8 @@ from sampling_cases import (
 
 from amusd_viz.config import SamplingParams
 from amusd_viz.engine import sampling
-from amusd_viz.engine.loops import amusd_draft_loop, amusd_target_loop, ar_loop
+from amusd_viz.engine.amusd_draft import amusd_draft_loop
+from amusd_viz.engine.loops import amusd_target_loop, ar_loop
 from amusd_viz.engine.sampling import Check, Noise, Sampler, gumbel_argmax, processed
 from amusd_viz.engine.session import Engine, EngineConfig
 from amusd_viz.events import EventList
@@ -194,12 +196,35 @@ def waiting_shared(vocab: int):
     return WaitingShared(mp.get_context("spawn"), 256, vocab=vocab)
 
 
-def run_amusd(target, draft, seed: int, rule: str, shared) -> tuple[int, ...]:
-    req = request(seed, rule)
+def cache_waiting_shared(vocab: int):
+    """waiting_shared, and the target first waits (up to 20 ms) until the draft has grown a
+    speculation-cache branch, so that verdicts can hit one."""
+    import time
+
+    from amusd_viz.engine.shared import B_N
+
+    base = type(waiting_shared(vocab))
+
+    class CacheWaitingShared(base):
+        def read_drafts(self, committed, n_prompt, limit):
+            deadline = time.monotonic() + 0.02
+            while (not any(row[B_N] > 0 for row in self._branch_rows())
+                   and time.monotonic() < deadline):
+                time.sleep(0.0002)
+            return super().read_drafts(committed, n_prompt, limit)
+
+    import multiprocessing as mp
+
+    return CacheWaitingShared(mp.get_context("spawn"), 256, vocab=vocab)
+
+
+def run_amusd(target, draft, seed: int, rule: str, shared, spec_cache: bool = False,
+              draft_emit=lambda e: None) -> tuple[int, ...]:
+    req = dataclasses.replace(request(seed, rule), spec_cache=spec_cache, adaptive=spec_cache)
     shared.reset()
     shared.set_draft_alive(True)
     worker = threading.Thread(target=amusd_draft_loop, args=(req, draft, "cpu", shared,
-                                                              lambda e: None))
+                                                              draft_emit))
     worker.start()
     out = amusd_target_loop(req, target, "cpu", shared, lambda e: None)
     worker.join(10)
@@ -235,6 +260,41 @@ def test_rejection_sampling_keeps_the_target_distribution(runners, exact, shared
         counting = CountingTarget(target)
         counts = empirical(lambda seed: run_amusd(counting, draft, seed, "rejection", shared))
         assert counting.verified > DRAWS / 2  # most runs verified a draft: the rule was exercised
+    assert tv(counts, exact, DRAWS) < tv_bound(len(exact), DRAWS), tv(counts, exact, DRAWS)
+
+
+@pytest.fixture(scope="module")
+def near_draft(runners, tiny_models, tmp_path_factory):
+    """A draft closer to the target than `runners`' (noise 0.3, not 1.0): its runner-up often
+    is the target's correction, so the speculation cache hits (~10% of runs, against ~1%)."""
+    from tiny import make_model
+
+    from amusd_viz.engine.worker import _load
+
+    path = make_model(tmp_path_factory.mktemp("near") / "draft", seed=4,
+                      noise_from=tiny_models["target"], noise=0.3)
+    return _load(str(path), "float32", "cpu", runners[0].tokenizer, pack=False)
+
+
+def test_rejection_sampling_with_the_speculation_cache_keeps_the_target_distribution(
+        runners, near_draft, exact):
+    """Drafts handed over from a branch were sampled from q on the branch's own prefix and
+    carry that q (read by the target from the branch table, or written to the q ring when the
+    draft adopts the branch): the target's distribution must not move."""
+    target, draft = runners[0], near_draft
+    shared = cache_waiting_shared(target.vocab)
+    seen = Counter()
+
+    def count(event):
+        if event.type == "cache_verdict":
+            seen["hit" if event.hit else "miss"] += 1
+        elif event.type == "draft_proposed" and event.cached:
+            seen["cached drafts"] += 1
+
+    counting = CountingTarget(target)
+    counts = empirical(lambda seed: run_amusd(counting, draft, seed, "rejection", shared,
+                                              spec_cache=True, draft_emit=count))
+    assert seen["hit"] > DRAWS / 20 and seen["cached drafts"] > DRAWS / 20, seen
     assert tv(counts, exact, DRAWS) < tv_bound(len(exact), DRAWS), tv(counts, exact, DRAWS)
 
 

@@ -5,8 +5,8 @@ rejection rule's draw; engine/sampling.py), so each strategy's output is the tar
 decoding. The loops differ only in where draft tokens come from and when:
 - `ar_loop`: the target alone, one token per pass.
 - `sync_loop`: draft k tokens, then verify them in one target pass (one process, both models).
-- `amusd_target_loop` / `amusd_draft_loop`: two processes running at once, sharing the committed
-  and the drafted sequences through `SharedState` (engine/shared.py).
+- `amusd_target_loop` / `amusd_draft.amusd_draft_loop`: two processes running at once, sharing
+  the committed and the drafted sequences through `SharedState` (engine/shared.py).
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class Request:
     wait_steps: float = 0.0  # amusd: how long the target may wait for drafts (0: never waits)
     sampling: SamplingParams = GREEDY
     vocab: int = 0  # sampling: the width of p and q rows (the larger model vocabulary)
+    # sync and amusd: draft only as far as the draft's confidence makes it worth it (DraftBudget,
+    # speccache.Planner); amusd's target waits briefly for a first draft instead of a solo pass
+    adaptive: bool = False
+    spec_cache: bool = False  # amusd: prepare drafts for the likeliest rejections (speccache)
 
 
 @dataclass
@@ -114,7 +118,8 @@ def _tops(runner: Runner, logits, verdict: Verdict, sampler: Sampler) -> list[li
 
 
 def verify(req: Request, c: Committer, target: Runner, device: str, drafts: list[int],
-           emit: Emit, sampler: Sampler, q_rows: list | None = None) -> int:
+           emit: Emit, sampler: Sampler, q_rows: list | None = None,
+           stopped: str | None = None, cached: bool = False) -> int:
     """One target pass over [last committed] + drafts: judge, commit, report. Returns how many
     drafts were accepted."""
     logits, fed, start, end = target.forward(c.seq + drafts, len(drafts) + 1)
@@ -124,7 +129,8 @@ def verify(req: Request, c: Committer, target: Runner, device: str, drafts: list
     verdict = sampler.verdict(logits, drafts, start_pos, q_rows or [])
     committed = c.commit(verdict.tokens, verdict.hows, _tops(target, logits, verdict, sampler))
     emit(VerifyResult(t=_secs(req, end), start_pos=start_pos, proposed=drafts,
-                      accepted=verdict.accepted, committed=committed,
+                      accepted=verdict.accepted, committed=committed, draft_stop=stopped,
+                      from_cache=cached,
                       **_check_fields(verdict)))
     sampler.noise.forget_before(c.n_new)
     return verdict.accepted
@@ -149,35 +155,127 @@ def first_token(req: Request, c: Committer, target: Runner, device: str, emit: E
     c.commit([token], ["decoded"], [top])
 
 
-def propose(req: Request, draft: Runner, sampler: Sampler, logits_row, pos: int, end: int,
-            emit: Emit):
-    """The draft's token at `pos`; emits draft_proposed with q(x). Returns (token, q row)."""
+def choose(draft: Runner, sampler: Sampler, logits_row, pos: int):
+    """The draft's proposal at `pos`: (token, q row or None, the draft's probability of it, its
+    top candidates)."""
     if sampler.params.greedy:  # the top-5's head is the proposal: one copy to the host
         top = draft.top(logits_row)
-        token, q_x, q = top[0]["id"], top[0]["p"], None
-    else:
-        token, q_x, q = sampler.propose(logits_row, pos)
-        assert q is not None  # a sampler gives q whenever it samples
-        top = draft.top_of_probs(q)
+        return top[0]["id"], None, float(top[0]["p"]), top
+    token, q_x, q = sampler.propose(logits_row, pos)
+    assert q is not None and q_x is not None  # a sampler gives q whenever it samples
+    return token, q, q_x, draft.top_of_probs(q)
+
+
+def proposal_event(req: Request, draft: Runner, sampler: Sampler, step: Step, pos: int,
+                   end_ns: int, branch_root: int | None = None) -> DraftProposed:
     match = getattr(draft, "last", None)  # the n-gram drafter: where it copied from
-    emit(DraftProposed(t=_secs(req, end), pos=pos, token_id=token, text=draft.text(token),
-                       top=top, q=None if q_x is None else round(q_x, 6),
-                       ngram_n=match.n if match else None,
-                       ngram_from=match.end if match else None))
-    return token, q
+    return DraftProposed(t=_secs(req, end_ns), pos=pos, token_id=step.token,
+                         text=draft.text(step.token), top=step.top,
+                         q=None if sampler.params.greedy else round(step.conf, 6),
+                         ngram_n=match.n if match else None,
+                         ngram_from=match.end if match else None,
+                         cached=branch_root is not None, branch_root=branch_root)
+
+
+@dataclass
+class Step:
+    """One draft proposal and what the adaptive policies need to know about it."""
+
+    token: int
+    q: object  # the draft's q row when sampling (torch tensor), else None
+    secs: float | None  # the pass's length when it fed one token (the draft's step time)
+    conf: float  # the draft's own probability of the token
+    alt: int  # its guess at the target's token should this one be rejected
+    alt_p: float  # the draft's probability of that guess
+    top: list = field(default_factory=list)  # the draft's top candidates there
+    end_ns: int = 0  # when the pass ended
 
 
 def draft_step(req: Request, draft: Runner, seq: list[int], sampler: Sampler, device: str,
-               emit: Emit, first: bool):
-    """One draft step on `seq` (a model pass, or a lookup): (token, q row, seconds), or None
-    when the drafter has nothing to propose (the n-gram drafter found no match)."""
+               emit: Emit, first: bool, phase: str | None = None) -> Step | None:
+    """One draft step on `seq` (a model pass, or a lookup), or None when the drafter has
+    nothing to propose (the n-gram drafter found no match). Emits the pass and, unless it is a
+    branch step (`phase` "branch": the caller reports it), the proposal."""
     logits, fed, start, end = draft.forward(seq, 1)
-    phase = draft.phase_name or ("prefill" if first else "draft")
+    phase = phase or draft.phase_name or ("prefill" if first else "draft")
     emit(_forward_event(req, "draft", device, phase, fed, start, end))
     if logits is None:
         return None
-    token, q = propose(req, draft, sampler, logits[0], len(seq) - len(req.prompt_ids), end, emit)
-    return token, q, (end - start) / 1e9 if fed == 1 else None
+    pos = len(seq) - len(req.prompt_ids)
+    token, q, conf, top = choose(draft, sampler, logits[0], pos)
+    alt, alt_p = sampler.runner_up(token, pos, q, top)
+    step = Step(token, q, (end - start) / 1e9 if fed == 1 else None, conf, alt, alt_p, top,
+                end)
+    if phase != "branch":
+        emit(proposal_event(req, draft, sampler, step, pos, end))
+    return step
+
+
+class Calibration:
+    """How well the draft's own confidence (its probability of each token it proposes) has
+    predicted acceptance so far in this run: accepted drafts / the sum of their confidences,
+    over checked drafts (the accepted ones and the first rejected one), with a prior of 1 and a
+    fading memory. A sharp draft is often surer than it should be; a tiny one, or one sampled
+    at a high temperature, is often right with a low probability."""
+
+    LOW, HIGH = 0.2, 5.0
+
+    def __init__(self) -> None:
+        self.predicted, self.accepted = 2.0, 2.0
+
+    def observe(self, confs: list[float], accepted: int) -> None:
+        """`confs`: the checked drafts' confidences, in order; the first `accepted` passed."""
+        self.predicted = 0.9 * self.predicted + sum(confs)
+        self.accepted = 0.9 * self.accepted + accepted
+
+    @property
+    def factor(self) -> float:
+        return min(self.HIGH, max(self.LOW, self.accepted / self.predicted))
+
+    def chance(self, conf: float) -> float:
+        """The chance a draft of this confidence is accepted, by this run's record."""
+        return min(1.0, conf * self.factor)
+
+
+class DraftBudget:
+    """How far `sync` drafts (adaptive lookahead): after k drafts whose chance of all being
+    accepted is P_k (the product of the draft's calibrated confidences), one more draft costs a
+    draft step and adds at most P_k expected tokens; it is worth it while P_k / draft_s beats the
+    pass's expected rate, E_k / (k * draft_s + verify_s), with E_k = 1 + P_1 + ... + P_k. On a CPU
+    a verify pass of up to ~8 tokens costs about one token's pass, so the lookahead stays the
+    upper bound."""
+
+    def __init__(self) -> None:
+        self.draft_s: float | None = None
+        self.verify_s: float | None = None
+        self.calibration = Calibration()
+
+    @staticmethod
+    def _avg(old: float | None, new: float) -> float:
+        return new if old is None else 0.8 * old + 0.2 * new
+
+    def observe_draft(self, secs: float | None) -> None:
+        if secs is not None:
+            self.draft_s = self._avg(self.draft_s, secs)
+
+    def observe_verify(self, secs: float, confs: list[float], accepted: int) -> None:
+        self.verify_s = self._avg(self.verify_s, secs)
+        self.calibration.observe(confs[:accepted + 1], accepted)
+
+    def survivals(self, confs: list[float]) -> list[float]:
+        out, p = [], 1.0
+        for conf in confs:
+            p *= self.calibration.chance(conf)
+            out.append(p)
+        return out
+
+    def one_more(self, confs: list[float]) -> bool:
+        if not confs or self.draft_s is None or self.verify_s is None:
+            return True
+        survivals = self.survivals(confs)
+        k = len(confs)
+        rate = (1 + sum(survivals)) / (k * self.draft_s + self.verify_s)
+        return survivals[-1] / self.draft_s >= rate
 
 
 def ar_loop(req: Request, target: Runner, device: str, emit: Emit) -> Outcome:
@@ -200,21 +298,30 @@ def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Em
     sampler = sampler_for(req, target)
     first_token(req, c, target, device, emit, sampler)
     first = True
+    budget = DraftBudget()
     while not c.done:
         drafts: list[int] = []
         q_rows: list = []
+        confs: list[float] = []
+        stopped = None
         for _ in range(min(req.lookahead, c.remaining - 1)):
+            if req.adaptive and not budget.one_more(confs):
+                stopped = "confidence"
+                break
             step = draft_step(req, draft, c.seq + drafts, sampler, device, emit, first)
             first = False
             if step is None:
                 break
-            token, q, _ = step
-            drafts.append(token)
-            q_rows.append(q)
-            if token in req.eos_ids:
+            budget.observe_draft(step.secs)
+            drafts.append(step.token)
+            q_rows.append(step.q)
+            confs.append(step.conf)
+            if step.token in req.eos_ids:
                 break
         start_pos = c.n_new
-        accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows)
+        started = time.perf_counter()
+        accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows, stopped)
+        budget.observe_verify(time.perf_counter() - started, confs, accepted)
         if accepted < len(drafts):  # the draft's cache drops these on its next forward pass
             emit(Rollback(t=_secs(req, time.perf_counter_ns()), to_pos=start_pos + accepted,
                           discarded=drafts[accepted:]))
@@ -258,8 +365,9 @@ class Pace:
 
 def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: Emit) -> Outcome:
     """The verifier. Each pass checks whatever draft tokens extend the committed text (up to the
-    lookahead); with none, it decodes one token on its own. It waits for drafts only when
-    `wait_steps` > 0 (an experiment; see Pace)."""
+    lookahead), or else those of a speculation-cache branch that bet on the verdict it has just
+    reached (engine/speccache.py); with none, it decodes one token on its own. It waits for
+    drafts only when `wait_steps` > 0 (an experiment; see Pace)."""
     target.begin()
     c = Committer(req, target, emit)
     n_prompt = len(req.prompt_ids)
@@ -270,92 +378,35 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
     shared.publish_committed(c.seq, n_prompt, done=c.done)
     shared.pass_turn("draft")
     pace = Pace()
+    cache_lookup = req.spec_cache and not shared.one_device
     while not c.done:
         # one device: wait for the draft's turn to end, then read the drafts it made
         shared.wait_turn("target", stop=draft_gone)
         limit = min(req.lookahead, c.remaining - 1)
         drafts = shared.read_drafts(c.seq, n_prompt, limit)
-        if req.wait_steps and limit > 0 and shared.draft_alive:
+        cached = False
+        q_rows: list = []
+        if not drafts and cache_lookup:
+            # the draft has not rolled back yet: a branch may have bet on this very verdict
+            drafts, q_rows = shared.read_branch_drafts(c.seq, n_prompt, limit)
+            cached = bool(drafts)
+        if req.wait_steps and not cached and limit > 0 and shared.draft_alive:
             step = shared.draft_step_s()
             want = pace.drafts_worth_waiting_for(step, limit)
             if len(drafts) < want:
                 drafts = shared.wait_for_drafts(c.seq, n_prompt, limit, want,
                                                 req.wait_steps * (want - len(drafts)) * step)
-        q_rows: list = []
-        if drafts and not req.sampling.greedy:
+        if drafts and not req.sampling.greedy and not cached:
             # the q of each draft, as the draft published it; a row already overwritten by a
             # rollback ends the drafts there
             q_rows = shared.read_q_rows(c.n_new, drafts)
             drafts = drafts[:len(q_rows)]
         before = c.n_new
-        accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows)
+        accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows, cached=cached)
         shared.publish_committed(c.seq, n_prompt, done=c.done)
         shared.pass_turn("draft")
         pace.observe(len(drafts), accepted, c.n_new - before)
     return c.outcome
-
-
-def _adopt_committed(req: Request, seq: list[int], committed: list[int], shared,
-                     emit: Emit) -> list[int]:
-    """The draft's sequence after the target's latest commits: on a mismatch, drop its tokens
-    from there (a rollback) and take the target's; past its drafts, adopt the target's."""
-    n_prompt = len(req.prompt_ids)
-    mismatch = next((i for i in range(n_prompt, min(len(seq), len(committed)))
-                     if seq[i] != committed[i]), None)
-    if mismatch is not None:
-        emit(Rollback(t=_secs(req, time.perf_counter_ns()), to_pos=mismatch - n_prompt,
-                      discarded=seq[mismatch:]))
-        shared.publish_drafts(committed, n_prompt)
-        return committed
-    if len(committed) > len(seq):
-        return seq + committed[len(seq):]  # the target decoded past our drafts: adopt
-    return seq
-
-
-def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emit) -> int:
-    """The drafter: keeps proposing from its own sequence; when the target commits a token that
-    differs from its own at some position, it drops its tokens (and cache) from there, adopts
-    the target's tokens and drafts on. Waits (blocking, no spinning) only when it is far enough
-    ahead, at the token budget, or after proposing EOS. On a device shared with the target it
-    drafts `lookahead` tokens per turn and then hands the device over (SharedState's baton).
-    Returns the number of forward passes."""
-    draft.begin()
-    n_prompt = len(req.prompt_ids)
-    seq = list(req.prompt_ids)
-    max_ahead = req.lookahead if shared.one_device else req.max_ahead or 2 * req.lookahead
-    sampler = sampler_for(req, draft)
-    passes = 0
-
-    def idle() -> None:
-        if shared.one_device:  # the target's turn: verify what this turn drafted
-            shared.pass_turn("target")
-            shared.wait_turn("draft", stop=lambda: shared.run_done)
-        else:
-            shared.wait_wakeup(0.5)
-
-    shared.wait_turn("draft", stop=lambda: shared.run_done)  # one device: after the prefill
-    while True:
-        shared.clear_wakeup()
-        committed, done = shared.read_committed(req.prompt_ids)
-        if done:
-            return passes
-        seq = _adopt_committed(req, seq, committed, shared, emit)
-        generated = len(seq) - n_prompt
-        if (len(seq) - len(committed) >= max_ahead or generated >= req.max_new_tokens
-                or (generated and seq[-1] in req.eos_ids)):
-            idle()
-            continue
-        passes += 1
-        step = draft_step(req, draft, seq, sampler, device, emit, first=passes == 1)
-        if step is None:  # nothing to propose until the target commits more
-            idle()
-            continue
-        token, q, step_s = step
-        if q is not None:
-            shared.write_q_row(generated, token, q)  # before the draft that needs it is visible
-        sampler.noise.forget_before(len(committed) - n_prompt)
-        seq = [*seq, token]
-        shared.publish_drafts(seq, n_prompt, step_s=step_s)
 
 
 def _hf_sampling(req: Request) -> dict:

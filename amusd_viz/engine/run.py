@@ -74,6 +74,7 @@ class Prepared:
                             target_device=cfg.target_device, draft_device=cfg.draft_device,
                             dtype=cfg.dtype, stall_timeout=cfg.stall_timeout,
                             wait_steps=cfg.wait_steps, draft_quant=cfg.draft_quant,
+                            adaptive=cfg.adaptive, spec_cache=cfg.spec_cache,
                             preamble=self.preamble if cfg.preamble_cache else (),
                             faults={str(role): spec for role, spec in cfg.faults.items()},
                             sampling=cfg.sampling)

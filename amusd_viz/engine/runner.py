@@ -64,6 +64,18 @@ class Runner:
             self.cache = copy.deepcopy(self._preamble_cache)
             self.ids = list(self.preamble)
 
+    def fork(self) -> Runner:
+        """Another line over the same model: a copy of this KV cache that can be fed and
+        cropped on its own (the speculation cache's branches; engine/speccache.py)."""
+        other = copy.copy(self)
+        other.cache = copy.deepcopy(self.cache)
+        other.ids = list(self.ids)
+        return other
+
+    def adopt(self, other: Runner) -> None:
+        """Take over a fork's cache and ids (a branch became the main line)."""
+        self.cache, self.ids = other.cache, other.ids
+
     def crop(self, keep: int) -> None:
         drop = len(self.ids) - keep
         if drop > 0:

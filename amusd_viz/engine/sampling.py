@@ -142,6 +142,21 @@ class Sampler:
         token = gumbel_argmax(q, self.noise.gumbel(pos, stream))
         return token, float(q[token]), q
 
+    def runner_up(self, token: int, pos: int, q: torch.Tensor | None,
+                  top: list[dict]) -> tuple[int, float]:
+        """The draft's guess at the target's token at `pos` should the target reject `token`,
+        and the draft's probability of that guess. Greedy: the draft's second choice; coupled:
+        its second choice under the noise the target will use there; rejection: the likeliest
+        other token under the residual draw's noise. Only a guess: the target decides."""
+        if q is None:  # greedy: the top-5 has it
+            second = next((c for c in top if c["id"] != token), None)
+            return (int(second["id"]), float(second["p"])) if second else (token, 0.0)
+        stream = TARGET if self.params.acceptance == "coupled" else RESIDUAL
+        scores = torch.log(q.double()) + self.noise.gumbel(pos, stream)
+        scores[token] = float("-inf")
+        alt = int(torch.argmax(scores))
+        return alt, float(q[alt])
+
     def verdict(self, logits: torch.Tensor, drafts: list[int], start_pos: int,
                 q_rows: list[torch.Tensor | None]) -> Verdict:
         """Judge `drafts` (at positions start_pos, ...) against the target's logits rows (one

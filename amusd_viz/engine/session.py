@@ -47,6 +47,8 @@ class EngineConfig:
     capacity: int = 65536  # max tokens (prompt + generated) the shared arrays hold
     stall_timeout: float = 300.0  # seconds without a target event before the run is failed
     wait_steps: float = 0.0  # amusd: >0 lets the target wait for drafts (Pace; docs/protocol.md)
+    adaptive: bool = True  # sync, amusd: draft as far as it is worth (docs/protocol.md)
+    spec_cache: bool = True  # amusd: the speculation cache (engine/speccache.py)
     draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
     preamble: tuple[int, ...] = ()  # the prompt head every run shares: cached at load time
     faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
@@ -213,7 +215,8 @@ class Engine:
             self.shared.set_draft_alive(not self.workers["draft"].lost)
         start_ns = time.perf_counter_ns()
         req = Request(list(prompt_ids), max_new_tokens, lookahead, eos_ids, self.t0_ns, max_ahead,
-                      self.cfg.wait_steps, sampling, self.vocab)
+                      self.cfg.wait_steps, sampling, self.vocab, adaptive=self.cfg.adaptive,
+                      spec_cache=self.cfg.spec_cache)
         live = [w for w in self.workers.values() if not w.lost]
         for w in live:
             w.requests.put(RunRequest(run_id, req))

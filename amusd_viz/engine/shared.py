@@ -23,6 +23,18 @@ COMMITTED_LEN, DRAFTS_LEN, DONE, EPOCH, DRAFT_ALIVE, DRAFT_STEP_US, COMMITTED_SE
 Q_SLOTS = 72  # q rows kept: more than the draft can run ahead (2 × the largest lookahead)
 Q_SEQ, Q_POS, Q_TOKEN = range(3)
 
+# The speculation cache's branches (engine/speccache.py), one slot each: a seqlock, a hash of
+# the prefix the branch forks (prompt + generated tokens before its root), the root position
+# (generated index), the token bet on there, how many drafts follow, then the drafts.
+BRANCH_SLOTS, BRANCH_DEPTH = 4, 8
+B_SEQ, B_HASH, B_ROOT, B_TOKEN, B_N = range(5)
+B_WIDTH = 5 + BRANCH_DEPTH
+
+
+def prefix_hash(tokens) -> int:
+    """The same in every process (ints and tuples of ints hash without a random seed)."""
+    return hash(tuple(tokens))
+
 
 class SharedState:
     def __init__(self, ctx: mp.context.BaseContext, capacity: int, one_device: bool = False,
@@ -45,6 +57,9 @@ class SharedState:
         self._committed = ctx.RawArray("q", capacity)
         self._drafts = ctx.RawArray("q", capacity)
         self._meta = ctx.RawArray("q", 8)  # indexed by the constants above
+        self._branches = ctx.RawArray("q", BRANCH_SLOTS * B_WIDTH)
+        # sampling: each branch draft's q row (the target needs q to judge it)
+        self._branch_q = ctx.RawArray("f", BRANCH_SLOTS * BRANCH_DEPTH * vocab) if vocab else None
 
     # numpy views are made lazily in each process (RawArrays pickle, views do not)
     def _view(self, raw) -> np.ndarray:
@@ -55,6 +70,7 @@ class SharedState:
         meta = self._view(self._meta)
         meta[COMMITTED_LEN] = meta[DRAFTS_LEN] = meta[DONE] = 0
         meta[EPOCH] += 1
+        self.clear_branches()
         self.wakeup.clear()
         self.drafted.clear()
         if self._turn:  # the target goes first: its prefill
@@ -241,3 +257,67 @@ class SharedState:
                 break
             out.append(torch.from_numpy(row))
         return out
+
+    # the speculation cache's branches ----------------------------------------------------------
+    def _branch_rows(self) -> np.ndarray:
+        return self._view(self._branches).reshape(BRANCH_SLOTS, B_WIDTH)
+
+    def _branch_q_rows(self) -> np.ndarray:
+        assert self._branch_q is not None
+        return np.frombuffer(self._branch_q, dtype=np.float32).reshape(
+            BRANCH_SLOTS, BRANCH_DEPTH, self.vocab)
+
+    def publish_branch(self, slot: int, hashed: int, root: int, token: int,
+                       drafts: list[int], last_q=None) -> None:
+        """Draft side: branch `slot` bets on `token` at generated position `root` after a
+        prefix with hash `hashed`, and drafted `drafts` after it; sampling: `last_q` is the q
+        row of the last of them (the earlier ones were written with their own drafts)."""
+        row = self._branch_rows()[slot]
+        drafts = drafts[:BRANCH_DEPTH]
+        row[B_SEQ] += 1  # odd: a write is under way
+        row[B_HASH], row[B_ROOT], row[B_TOKEN], row[B_N] = hashed, root, token, len(drafts)
+        row[5:5 + len(drafts)] = drafts
+        if last_q is not None and self._branch_q is not None:
+            self._branch_q_rows()[slot, len(drafts) - 1] = last_q.numpy()
+        row[B_SEQ] += 1
+
+    def clear_branch(self, slot: int) -> None:
+        row = self._branch_rows()[slot]
+        row[B_SEQ] += 1
+        row[B_N] = -1  # empty
+        row[B_SEQ] += 1
+
+    def clear_branches(self) -> None:
+        for slot in range(BRANCH_SLOTS):
+            self.clear_branch(slot)
+
+    def read_branch_drafts(self, committed: list[int], n_prompt: int,
+                           limit: int) -> tuple[list[int], list]:
+        """Target side: drafts from a branch whose bet the committed text has just confirmed
+        (its prefix, then its token), and (sampling) their q rows; ([], []) when none has."""
+        if limit <= 0 or not self.draft_alive:
+            return [], []
+        for slot, row in enumerate(self._branch_rows()):
+            before = int(row[B_SEQ])
+            if before % 2:
+                continue
+            snap = row.copy()
+            q_rows = self._branch_q_rows()[slot].copy() if self._branch_q is not None else None
+            if int(row[B_SEQ]) != before or snap[B_N] <= 0:
+                continue
+            cut = n_prompt + int(snap[B_ROOT])
+            if len(committed) <= cut or committed[cut] != int(snap[B_TOKEN]):
+                continue
+            line = [*committed[:cut + 1], *snap[5:5 + int(snap[B_N])].tolist()]
+            if line[:len(committed)] != committed or len(line) <= len(committed):
+                continue
+            if prefix_hash(committed[:cut]) != int(snap[B_HASH]):
+                continue
+            first = len(committed) - (cut + 1)  # index of the first draft still to judge
+            drafts = line[len(committed):len(committed) + limit]
+            if q_rows is None:
+                return drafts, []
+            import torch
+
+            return drafts, [torch.from_numpy(q_rows[first + i]) for i in range(len(drafts))]
+        return [], []

@@ -167,7 +167,7 @@ def _load_models(spec: WorkerSpec, device, shared, events):
 
 def _serve(spec: WorkerSpec, req, target, draft, device: str, shared, emit):
     """One generation request, by this worker's strategy and role."""
-    from amusd_viz.engine import loops
+    from amusd_viz.engine import amusd_draft, loops
 
     match spec.strategy, spec.role:
         case "ar", _:
@@ -179,7 +179,7 @@ def _serve(spec: WorkerSpec, req, target, draft, device: str, shared, emit):
         case "amusd", "target":
             return loops.amusd_target_loop(req, target, device, shared, emit)
         case "amusd", "draft":
-            return loops.amusd_draft_loop(req, draft, device, shared, emit)
+            return amusd_draft.amusd_draft_loop(req, draft, device, shared, emit)
     raise ValueError(f"no loop for strategy {spec.strategy!r} as {spec.role}")
 
 
@@ -189,13 +189,15 @@ def _slow_down(spec: WorkerSpec, runner) -> None:
     if runner is None or not spec.fault.startswith("slow:"):
         return
     delay = float(spec.fault.split(":", 1)[1])
-    forward = runner.forward
 
-    def slow_forward(*args, **kwargs):
-        time.sleep(delay)
-        return forward(*args, **kwargs)
+    base: type = type(runner)
 
-    runner.forward = slow_forward
+    class Slow(base):  # a class, not a patched method: forks stay slow, on their own cache
+        def forward(self, *args, **kwargs):
+            time.sleep(delay)
+            return super().forward(*args, **kwargs)
+
+    runner.__class__ = Slow
 
 
 def _fault_injector(spec: WorkerSpec, put):

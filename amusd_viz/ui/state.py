@@ -80,6 +80,10 @@ class RunState:
     checks: dict[int, dict] = field(default_factory=dict)  # pos -> why it was accepted or not
     drafts: dict[int, str] = field(default_factory=dict)  # the draft's live sequence beyond commits
     rollbacks: list[tuple[float, int, int]] = field(default_factory=list)  # (t, to_pos, n)
+    # amusd's speculation cache: pos -> (root, its token's text) of the branch its draft came from
+    cached: dict[int, tuple[int, str]] = field(default_factory=dict)
+    bets: dict[int, str] = field(default_factory=dict)  # root -> text of the token bet on (hits)
+    branch_texts: dict[tuple[int, int], str] = field(default_factory=dict)  # (pos, id) -> text
     accepted_per_pass: list[int] = field(default_factory=list)
     events: list = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
@@ -113,24 +117,23 @@ class RunState:
         elif kind == "draft_proposed":
             self.proposals[e.pos] = e
             self.drafts[e.pos] = e.text
+            if getattr(e, "cached", False):
+                self._cached_draft(e)
+            rejected = self.rejected.get(e.pos)
+            if rejected is not None and rejected == (e.token_id, f"<{e.token_id}>"):
+                # the draft's worker reported it after the target's verdict reached us
+                self.rejected[e.pos] = (e.token_id, e.text)
+        elif kind == "branch_step":
+            self.bets[e.root] = e.root_text
+            self.branch_texts[(e.pos, e.token_id)] = e.text
         elif kind == "verify_result":
-            for i, token in enumerate(e.proposed[: e.accepted + 1]):
-                prop = self.proposals.get(e.start_pos + i)
-                if prop is not None and prop.token_id == token:
-                    self.judged[e.start_pos + i] = prop
-            self._add_checks(e)
-            if e.proposed:
-                self.accepted_per_pass.append(e.accepted)
-            if e.accepted < len(e.proposed):
-                pos = e.start_pos + e.accepted
-                token = e.proposed[e.accepted]
-                prop = self.proposals.get(pos)
-                text = prop.text if prop is not None and prop.token_id == token else f"<{token}>"
-                self.rejected[pos] = (token, text)
+            self._verified(e)
         elif kind == "rollback":
             self.rollbacks.append((e.t, e.to_pos, len(e.discarded)))
             for pos in [p for p in self.drafts if p >= e.to_pos]:
                 del self.drafts[pos]
+            for pos in [p for p in self.cached if p >= max(e.to_pos, len(self.tokens))]:
+                del self.cached[pos]
         elif kind == "token_committed":
             if e.pos == len(self.tokens):
                 self.tokens.append(Token(e.pos, e.token_id, e.text, e.how, e.t, list(e.top)))
@@ -146,6 +149,36 @@ class RunState:
             self.message = f"{e.new_tokens} tokens in {e.wall_s:.2f} s ({e.stop_reason})"
             if e.started_at is not None:
                 self.started_at = e.started_at
+
+    def _verified(self, e) -> None:
+        for i, token in enumerate(e.proposed[: e.accepted + 1]):
+            prop = self.proposals.get(e.start_pos + i)
+            if prop is not None and prop.token_id == token:
+                self.judged[e.start_pos + i] = prop
+        self._add_checks(e)
+        if getattr(e, "from_cache", False):
+            # the target read a branch's drafts before the draft adopted it: the branch
+            # bet on the token just before them
+            root = e.start_pos - 1
+            for pos in range(e.start_pos, e.start_pos + e.accepted):
+                self.cached[pos] = (root, self.bets.get(root, "?"))
+        if e.proposed:
+            self.accepted_per_pass.append(e.accepted)
+        if e.accepted < len(e.proposed):
+            pos = e.start_pos + e.accepted
+            token = e.proposed[e.accepted]
+            prop = self.proposals.get(pos)
+            text = (prop.text if prop is not None and prop.token_id == token
+                    else self.branch_texts.get((pos, token), f"<{token}>"))  # a cached draft
+            self.rejected[pos] = (token, text)
+
+    def _cached_draft(self, e) -> None:
+        """A draft handed over from a branch (at a hit): the proposal the target judged there,
+        even when the target read it from the branch before this event arrived."""
+        root = e.branch_root if e.branch_root is not None else e.pos - 1
+        self.cached[e.pos] = (root, self.bets.get(root, "?"))
+        if e.pos < len(self.tokens) and self.tokens[e.pos].token_id == e.token_id:
+            self.judged[e.pos] = e
 
     def _add_checks(self, e) -> None:
         """Sampling: p, q, min(1, p/q), the draw and sum(min(p, q)) of each checked draft."""

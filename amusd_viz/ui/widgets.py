@@ -16,6 +16,7 @@ from amusd_viz.ui.state import RunState
 # the difference survives a colour-blind eye and both dark and light palettes.
 STYLES = {
     "accepted": "green",
+    "cached": "green overline",  # an accepted draft handed over by the speculation cache
     "correction": "bold magenta underline",
     "resampled": "bold magenta underline",
     "bonus": "bold cyan",
@@ -30,6 +31,7 @@ PHASE_STYLE = {
     "verify": ("█", "green"),
     "decode": ("█", "cyan"),
     "lookup": ("│", "magenta"),  # the n-gram drafter: an instant step
+    "branch": ("▒", "dark_orange"),  # amusd's speculation cache: a step on a bet
 }
 LANE_LABEL_WIDTH = 16  # "target cpu:0    " before each lane's bar
 TICK_EVERY_CELLS = 16  # one time label on the axis every this many cells
@@ -44,7 +46,8 @@ STATUS_STYLE = {"loading": "yellow", "generating": "bold green", "done": "bold b
 
 def legend() -> Text:
     text = Text("legend: ")
-    for how, label in (("accepted", "accepted draft"), ("correction", "correction"),
+    for how, label in (("accepted", "accepted draft"), ("cached", "from the cache"),
+                       ("correction", "correction"),
                        ("bonus", "bonus"), ("decoded", "target's own"),
                        ("rejected", "rejected draft"), ("pending", "pending draft")):
         text.append(label, STYLES[how])
@@ -182,6 +185,8 @@ class TokenStream(Static):
             if tok.pos in state.rejected and tok.how in ("correction", "resampled"):
                 text.append(visible_text(state.rejected[tok.pos][1]), STYLES["rejected"])
             style = STYLES.get(tok.how, "")
+            if tok.how == "accepted" and tok.pos in state.cached:
+                style = STYLES["cached"]
             if cursor == tok.pos:
                 style += " reverse"
             text.append(visible_text(tok.text), style)
@@ -215,6 +220,10 @@ class StatsPanel(Static):
         if s.expected_acceptance is not None:
             table.add_row("per checked token", pct(s.acceptance_per_check))
             table.add_row("expected Σmin(p,q)", pct(s.expected_acceptance))
+        if s.target_passes:
+            table.add_row("solo target passes", f"{s.solo_passes}/{s.target_passes}")
+        if s.cache_hit_rate is not None:
+            table.add_row("cache hits", f"{s.cache_hits}/{s.cache_hits + s.cache_misses}")
         table.add_row("rollbacks", f"{s.rollbacks}")
         table.add_row("wasted drafts", f"{s.wasted_draft_tokens}")
         for device, share in s.busy.items():
@@ -257,7 +266,8 @@ class Inspector(Static):
             table.add_row(_bar(draft_top[i]) if i < len(draft_top) else
                           Text("(no proposal)" if i == 0 else "", "grey50"),
                           _bar(tok.top[i]) if i < len(tok.top) else Text(""))
-        reasons = [r for r in (lookup_source(state, proposal), why(state, tok)) if r is not None]
+        reasons = [r for r in (lookup_source(state, proposal), cache_source(state, tok),
+                               why(state, tok)) if r is not None]
         self.update(Group(head, *reasons, table))
 
 
@@ -275,6 +285,18 @@ def lookup_source(state: RunState, proposal) -> Text | None:
     line.append(f"copied from the text at position {pos}: …{before}", "magenta")
     line.append(f"[{proposal.text}]", "bold magenta")
     return line
+
+
+def cache_source(state: RunState, tok) -> Text | None:
+    """amusd's speculation cache: the branch this accepted draft came from."""
+    bet = state.cached.get(tok.pos) if tok.how == "accepted" else None
+    if bet is None:
+        return None
+    root, text = bet
+    return Text(f"\nfrom the speculation cache: drafted ahead on a branch that bet the target "
+                f"would reject the draft at position {root} and pick {text!r}; it did, and this "
+                "draft was ready at once (no solo pass while the draft rolled back)",
+                STYLES["cached"].split()[0])
 
 
 def why(state: RunState, tok) -> Text | None:

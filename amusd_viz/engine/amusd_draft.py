@@ -1,0 +1,87 @@
+"""amusd's drafter: its own process, drafting while the target verifies (engine/loops.py has
+the target's side; engine/speccache.py what the draft spends each step on)."""
+
+from __future__ import annotations
+
+import time
+
+from amusd_viz.engine.loops import Emit, Request, _secs, draft_step, sampler_for
+from amusd_viz.engine.runner import Runner
+from amusd_viz.engine.speccache import EXTEND, Planner
+from amusd_viz.events import Rollback
+
+
+def _adopt_committed(req: Request, seq: list[int], committed: list[int], shared,
+                     emit: Emit) -> list[int]:
+    """The draft's sequence after the target's latest commits: on a mismatch, drop its tokens
+    from there (a rollback) and take the target's; past its drafts, adopt the target's."""
+    n_prompt = len(req.prompt_ids)
+    mismatch = next((i for i in range(n_prompt, min(len(seq), len(committed)))
+                     if seq[i] != committed[i]), None)
+    if mismatch is not None:
+        emit(Rollback(t=_secs(req, time.perf_counter_ns()), to_pos=mismatch - n_prompt,
+                      discarded=seq[mismatch:]))
+        shared.publish_drafts(committed, n_prompt)
+        return committed
+    if len(committed) > len(seq):
+        return seq + committed[len(seq):]  # the target decoded past our drafts: adopt
+    return seq
+
+
+def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emit) -> int:
+    """The drafter: keeps proposing from its own sequence; when the target commits a token that
+    differs from its own at some position, it drops its tokens (and cache) from there, adopts
+    the target's tokens and drafts on. Waits (blocking, no spinning) only when it is far enough
+    ahead, at the token budget, after proposing EOS, or (adaptive) when no step is worth it.
+    With the speculation cache it also drafts on branches that bet on the target's verdict
+    (engine/speccache.py). On a device shared with the target it drafts `lookahead` tokens per
+    turn and then hands the device over (SharedState's baton). Returns the number of passes."""
+    draft.begin()
+    n_prompt = len(req.prompt_ids)
+    seq = list(req.prompt_ids)
+    max_ahead = req.lookahead if shared.one_device else req.max_ahead or 2 * req.lookahead
+    sampler = sampler_for(req, draft)
+    model_draft = getattr(draft, "model", None) is not None
+    plan = Planner(req, draft, sampler, device, emit, shared,
+                   cache=req.spec_cache and model_draft and not shared.one_device,
+                   adaptive=req.adaptive and not shared.one_device)
+    passes = 0
+
+    def idle() -> None:
+        if shared.one_device:  # the target's turn: verify what this turn drafted
+            shared.pass_turn("target")
+            shared.wait_turn("draft", stop=lambda: shared.run_done)
+        else:
+            shared.wait_wakeup(0.5)
+
+    shared.wait_turn("draft", stop=lambda: shared.run_done)  # one device: after the prefill
+    while True:
+        shared.clear_wakeup()
+        committed, done = shared.read_committed(req.prompt_ids)
+        if done:
+            return passes
+        plan.observe(seq, committed)
+        seq = plan.settle(seq, committed, shared)
+        seq = _adopt_committed(req, seq, committed, shared, emit)
+        generated = len(seq) - n_prompt
+        can_extend = not (len(seq) - len(committed) >= max_ahead
+                          or generated >= req.max_new_tokens
+                          or (generated and seq[-1] in req.eos_ids))
+        action = plan.choose(seq, committed, can_extend)
+        if action is None:
+            idle()
+            continue
+        passes += 1
+        if action is not EXTEND:
+            plan.grow(action)
+            continue
+        step = draft_step(req, draft, seq, sampler, device, emit, first=passes == 1)
+        if step is None:  # nothing to propose until the target commits more
+            idle()
+            continue
+        plan.info[generated] = step
+        if step.q is not None:
+            shared.write_q_row(generated, step.token, step.q)  # before the draft is visible
+        sampler.noise.forget_before(len(committed) - n_prompt)
+        seq = [*seq, step.token]
+        shared.publish_drafts(seq, n_prompt, step_s=step.secs)
