@@ -51,6 +51,9 @@ def test_help_lists_every_option_of_the_contract():
     (["--seed", "x"], "--seed"),
     (["--acceptance", "maybe", "--temperature", "1"], "--acceptance"),
     (["bench", "--temperature", "-1"], "--temperature"),
+    (["--spec-cache", "maybe"], "--spec-cache"),
+    (["--adaptive", "yes"], "--adaptive"),
+    (["bench", "--spec-cache", "1"], "--spec-cache"),
 ])
 def test_bad_option_values_exit_2_with_one_line(args, needle, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -294,3 +294,20 @@ def test_the_tui_marks_cached_drafts_and_names_their_bet():
     line = cache_source(state, state.tokens[2])
     assert line is not None and "position 1" in line.plain and "' x'" in line.plain
     assert cache_source(state, state.tokens[3]) is None  # a correction, not a cached draft
+
+
+def test_the_switches_reach_the_engine_and_the_bench_races_both():
+    from amusd_viz.bench import KNOWN, VARIANTS, plan_runs
+    from amusd_viz.cli import build_bench_config, build_command_parser
+
+    args = build_command_parser("bench").parse_args([
+        "--spec-cache", "off", "--adaptive", "off",
+        "--strategies", "sync,sync-fixed,amusd,amusd-nocache,amusd-plain"])
+    cfg = build_bench_config(args)
+    assert (cfg.run.spec_cache, cfg.run.adaptive) == (False, False)
+    # each variant is its own run beside the default one, not "the same setup, skipped"
+    plan = plan_runs(cfg, gpus=0, cores=[0, 1])
+    assert [r.name for r in plan.runs] == ["ar", "sync", "sync-fixed", "amusd", "amusd-nocache",
+                                           "amusd-plain"]
+    assert VARIANTS["amusd-plain"] == {"spec_cache": False, "adaptive": False}
+    assert KNOWN["amusd-nocache"] == KNOWN["amusd"]

@@ -44,7 +44,8 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
     model_draft = getattr(draft, "model", None) is not None
     plan = Planner(req, draft, sampler, device, emit, shared,
                    cache=req.spec_cache and model_draft and not shared.one_device,
-                   adaptive=req.adaptive and not shared.one_device)
+                   # a lookup costs nothing: resting would only mean fewer drafts
+                   adaptive=req.adaptive and model_draft and not shared.one_device)
     passes = 0
 
     def idle() -> None:

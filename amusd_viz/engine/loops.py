@@ -171,7 +171,7 @@ def proposal_event(req: Request, draft: Runner, sampler: Sampler, step: Step, po
     match = getattr(draft, "last", None)  # the n-gram drafter: where it copied from
     return DraftProposed(t=_secs(req, end_ns), pos=pos, token_id=step.token,
                          text=draft.text(step.token), top=step.top,
-                         q=None if sampler.params.greedy else round(step.conf, 6),
+                         q=round(step.conf, 6),
                          ngram_n=match.n if match else None,
                          ngram_from=match.end if match else None,
                          cached=branch_root is not None, branch_root=branch_root)
