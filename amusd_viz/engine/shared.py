@@ -36,6 +36,26 @@ def prefix_hash(tokens) -> int:
     return hash(tuple(tokens))
 
 
+POLL_S = 0.001  # how often a waiting worker looks at an event
+
+
+def _poll(event, timeout: float, stop=lambda: False) -> bool:
+    """Wait for `event` by looking every millisecond (and at `stop()` every 20 ms) until
+    `timeout`; True if it was set."""
+    deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + 0.02
+    while not event.is_set():
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        if now >= next_check:
+            if stop():
+                return False
+            next_check = now + 0.02
+        time.sleep(POLL_S)
+    return True
+
+
 class SharedState:
     def __init__(self, ctx: mp.context.BaseContext, capacity: int, one_device: bool = False,
                  vocab: int = 0) -> None:
@@ -120,9 +140,11 @@ class SharedState:
         the run ended, or the other worker is gone). No-op on two devices."""
         if not self._turn:
             return
-        while not self._turn[role].wait(0.02):
-            if stop():
-                return
+        # Polled, never Event.wait: a process killed while sleeping in wait() stays counted as
+        # a sleeper of the event's Condition, and the other side's next set() then waits
+        # forever for it to wake (multiprocessing's notify has no timeout)
+        if not _poll(self._turn[role], 3600.0, stop):
+            return
         self._turn[role].clear()
 
     def pass_turn(self, to: str) -> None:
@@ -225,7 +247,7 @@ class SharedState:
         self.wakeup.clear()
 
     def wait_wakeup(self, timeout: float) -> None:
-        self.wakeup.wait(timeout)
+        _poll(self.wakeup, timeout)  # polled: see wait_turn
 
     # sampling: the draft's q rows --------------------------------------------------------------
     def write_q_row(self, pos: int, token: int, q) -> None:
