@@ -5,8 +5,9 @@
 Each array has one writer, so it is guarded by a sequence counter instead of a lock (a seqlock):
 the writer makes the counter odd, writes, makes it even; a reader retries a copy that overlapped a
 write. Nobody ever waits on a lock the other process holds, so a worker killed mid-write cannot
-block the survivor. The draft blocks on `wakeup` (set by every commit) only when it has nothing to
-do, so no core spins; the target reads whatever drafts extend the committed text.
+block the survivor. The draft waits on `wakeup` (set by every commit) only when it has nothing
+to do, looking every millisecond (never Event.wait: see `_poll`); the target reads whatever drafts
+extend the committed text.
 """
 
 from __future__ import annotations
