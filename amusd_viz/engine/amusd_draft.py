@@ -62,7 +62,7 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
         if done:
             return passes
         plan.observe(seq, committed)
-        seq = plan.settle(seq, committed, shared)
+        seq = plan.settle(seq, committed)
         seq = _adopt_committed(req, seq, committed, shared, emit)
         generated = len(seq) - n_prompt
         can_extend = not (len(seq) - len(committed) >= max_ahead

@@ -41,7 +41,7 @@ class Request:
     sampling: SamplingParams = GREEDY
     vocab: int = 0  # sampling: the width of p and q rows (the larger model vocabulary)
     # sync and amusd: draft only as far as the draft's confidence makes it worth it (DraftBudget,
-    # speccache.Planner); amusd's target waits briefly for a first draft instead of a solo pass
+    # speccache.Planner)
     adaptive: bool = False
     spec_cache: bool = False  # amusd: prepare drafts for the likeliest rejections (speccache)
 
@@ -166,8 +166,8 @@ def choose(draft: Runner, sampler: Sampler, logits_row, pos: int):
     return token, q, q_x, draft.top_of_probs(q)
 
 
-def proposal_event(req: Request, draft: Runner, sampler: Sampler, step: Step, pos: int,
-                   end_ns: int, branch_root: int | None = None) -> DraftProposed:
+def proposal_event(req: Request, draft: Runner, step: Step, pos: int, end_ns: int,
+                   branch_root: int | None = None) -> DraftProposed:
     match = getattr(draft, "last", None)  # the n-gram drafter: where it copied from
     return DraftProposed(t=_secs(req, end_ns), pos=pos, token_id=step.token,
                          text=draft.text(step.token), top=step.top,
@@ -207,7 +207,7 @@ def draft_step(req: Request, draft: Runner, seq: list[int], sampler: Sampler, de
     step = Step(token, q, (end - start) / 1e9 if fed == 1 else None, conf, alt, alt_p, top,
                 end)
     if phase != "branch":
-        emit(proposal_event(req, draft, sampler, step, pos, end))
+        emit(proposal_event(req, draft, step, pos, end))
     return step
 
 

@@ -173,7 +173,7 @@ class Planner:
             self.calibration.observe(confs, accepted)
         self._judged = max(self._judged, len(committed) - n)
 
-    def settle(self, seq: list[int], committed: list[int], shared) -> list[int]:
+    def settle(self, seq: list[int], committed: list[int]) -> list[int]:
         """The target committed more. At a rejection of the main line, a branch that bet on
         the target's token becomes the main line (published at once); every other branch
         whose bet is decided is dropped. Returns the draft's sequence."""
@@ -203,10 +203,9 @@ class Planner:
             pos = root + 1 + i
             self.info[pos] = step
             if step.q is not None:
-                shared.write_q_row(pos, step.token, step.q)  # before the draft is visible
-            self.emit(proposal_event(self.req, self.draft, self.sampler, step, pos, now,
-                                     branch_root=root))
+                self.shared.write_q_row(pos, step.token, step.q)  # before the draft is visible
+            self.emit(proposal_event(self.req, self.draft, step, pos, now, branch_root=root))
         new = hit.seq
-        shared.publish_drafts(new, n)  # before the branch leaves the table: no gap between
+        self.shared.publish_drafts(new, n)  # before the branch leaves the table: no gap between
         self._drop(self.branches)
         return new
