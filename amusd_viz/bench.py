@@ -21,7 +21,7 @@ from amusd_viz import stats as run_stats
 from amusd_viz.bench_report import print_report, require_matplotlib, write_outputs
 from amusd_viz.config import DEFAULT_NGRAM_N, BenchConfig, EngineStrategy
 from amusd_viz.errors import UserError
-from amusd_viz.events import EventList, RunFinished
+from amusd_viz.events import EventList, RunFinished, RunStarted
 
 if TYPE_CHECKING:
     from amusd_viz.engine.session import Engine
@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict] = {
     "sync-fixed": {"adaptive": False},
     "amusd-nocache": {"spec_cache": False},
     "amusd-plain": {"spec_cache": False, "adaptive": False},
+    "amusd-nosib": {"siblings": False},
 }
 for _name in VARIANTS:
     KNOWN[_name] = KNOWN[_name.split("-")[0]]
@@ -65,6 +66,7 @@ DESCRIPTIONS = {
     "sync-fixed": "sync drafting the full lookahead every time (--adaptive off)",
     "amusd-nocache": "amusd without the speculation cache (--spec-cache off)",
     "amusd-plain": "amusd with neither the cache nor the adaptive draft (both off)",
+    "amusd-nosib": "amusd's cache without the runner-up bet fed beside each draft (siblings)",
 }
 
 
@@ -132,6 +134,9 @@ class Result:
     drafts_per_verify: float | None = None
     cache_hits: int = 0
     cache_misses: int = 0
+    target_pass_ms: float | None = None  # median target pass after the prefill
+    draft_step_ms: float | None = None  # median draft model step
+    best_ms_per_token: float | None = None  # the strategy with no waste (amusd_viz/bound.py)
 
 
 def devices_for(kind: str, gpus: int, cores: list[int],
@@ -231,6 +236,9 @@ def summarize(results: list[Result], names: list[str]) -> dict:
             passes = sum(r.target_passes for r in mine)
             verdicts = sum(r.cache_hits + r.cache_misses for r in mine)
             drafts = [r.drafts_per_verify for r in mine if r.drafts_per_verify is not None]
+            best = [r.best_ms_per_token for r in mine if r.best_ms_per_token is not None]
+            times = {what: [getattr(r, what) for r in mine if getattr(r, what) is not None]
+                     for what in ("target_pass_ms", "draft_step_ms")}
             out[name] = {
                 "runs": len(mine),
                 # runs whose draft died (out of memory, say): the target decoded alone, so
@@ -252,6 +260,9 @@ def summarize(results: list[Result], names: list[str]) -> dict:
                 "drafts_per_verify": round(statistics.mean(drafts), 2) if drafts else None,
                 "cache_hit_rate": round(sum(r.cache_hits for r in mine) / verdicts, 3)
                 if verdicts else None,
+                **{what: round(median(v), 1) if v else None for what, v in times.items()},
+                # the same pass times and acceptance with no waste (amusd_viz/bound.py)
+                "best_ms_per_token": round(median(best), 2) if best else None,
             }
         for ref in ("ar", "sync"):
             base = out.get(ref, {}).get("median_ms_per_token")
@@ -319,8 +330,8 @@ def plan_runs(cfg: BenchConfig, gpus: int, cores: list[int]) -> BenchPlan:
     return BenchPlan(cfg, runs, prompts, gpus, cores)
 
 
-def _result(name: str, prompt: Prompt, repeat: int, gen, events) -> Result:
-    s = _window_stats(events, gen)
+def _result(name: str, prompt: Prompt, repeat: int, gen, events, started: RunStarted) -> Result:
+    s = _window_stats([started, *events], gen)
     commits = [e for e in events if e.type == "token_committed"]
     return Result(
         strategy=name, prompt_id=prompt.id, kind=prompt.kind, repeat=repeat,
@@ -335,7 +346,21 @@ def _result(name: str, prompt: Prompt, repeat: int, gen, events) -> Result:
         if name == "ar" else [], draft_lost=gen.draft_lost,
         target_passes=s.target_passes, solo_passes=s.solo_passes,
         drafts_per_verify=s.mean_drafts_per_verify, cache_hits=s.cache_hits,
-        cache_misses=s.cache_misses)
+        cache_misses=s.cache_misses, target_pass_ms=_ms(s.target_pass_s),
+        draft_step_ms=_ms(s.draft_step_s),
+        best_ms_per_token=None if s.best_ms_per_token is None else round(s.best_ms_per_token, 2))
+
+
+def _ms(secs: float | None) -> float | None:
+    return None if secs is None else round(1000 * secs, 2)
+
+
+def _started(config, run: PlannedRun, prompt_tokens: int) -> RunStarted:
+    """What the statistics need to know of a run (the engine's events carry no run_started)."""
+    return RunStarted(t=0.0, strategy=config.strategy, draft=config.draft_src,
+                      target=config.target_src, draft_device=config.draft_device,
+                      target_device=config.target_device, prompt_tokens=prompt_tokens,
+                      lookahead=run.lookahead)
 
 
 def _window_stats(events, gen) -> run_stats.RunStats:
@@ -390,7 +415,8 @@ class _Runner:
             self.bar.set_postfix_str(f"{run.label}: {prompt.id}")
             sink.events = []
             gen = engine.generate(ids, max_new, run.lookahead, eos)
-            self.results.append(_result(run.label, prompt, repeat, gen, sink.events))
+            self.results.append(_result(run.label, prompt, repeat, gen, sink.events,
+                                        _started(engine.cfg, run, len(ids))))
             self.bar.update()
         engine.close()
         self.engine = None

@@ -23,6 +23,24 @@ def _speedup(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def model_table(summary: dict) -> Table:
+    """Where the time goes: median pass times, and what each strategy would reach with them and
+    its acceptance if it wasted nothing (amusd_viz/bound.py)."""
+    table = Table(title="pass times, and ms per token with no waste (amusd_viz/bound.py)",
+                  title_justify="left", box=None, pad_edge=False)
+    for header in ("strategy", "target pass ms", "draft step ms", "no waste", "reached"):
+        table.add_column(header, justify="left" if header == "strategy" else "right")
+    for name, row in summary.items():
+        best, measured = row.get("best_ms_per_token"), row["median_ms_per_token"]
+        table.add_row(name, _ms(row.get("target_pass_ms")), _ms(row.get("draft_step_ms")),
+                      _ms(best), _pct(best / measured if best and measured else None))
+    return table
+
+
 def summary_table(summary: dict, title: str | None = None) -> Table:
     table = Table(title=title, title_justify="left", box=None, pad_edge=False)
     for header, justify in (("strategy", "left"), ("ms/token", "right"), ("min-max", "right"),
@@ -62,6 +80,8 @@ def print_report(report: dict, console: Console | None = None) -> list[dict]:
     # piped into a file, rich would fold the table to 80 columns
     console = console or Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     console.print(summary_table(report["summary"], "all prompts"))
+    console.print()
+    console.print(model_table(report["summary"]))
     if len(report["by_kind"]) > 1:
         for kind, block in report["by_kind"].items():
             console.print()

@@ -146,6 +146,8 @@ class BranchStep(_Event):
     text: str
     depth: int
     value: float  # the draft's estimate of the chance this token is needed
+    # drafted in a main-line pass, beside the main line's token (a sibling: no pass of its own)
+    sibling: bool = False
 
 
 class CacheVerdict(_Event):

@@ -6,8 +6,11 @@ figure means the same thing everywhere.
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+
+from amusd_viz.bound import best_for
 
 
 @dataclass
@@ -45,6 +48,12 @@ class RunStats:
     branch_tokens: int = 0
     wasted_branch_tokens: int = 0
     draft_tokens: int = 0
+    # median forward times: the target's passes after the prefill, the draft model's steps
+    target_pass_s: float | None = None
+    draft_step_s: float | None = None
+    # the same strategy with these pass times and this acceptance but no waste (amusd_viz/bound.py)
+    best_ms_per_token: float | None = None
+    best_drafts: int | None = None
     busy: dict[str, float] = field(default_factory=dict)  # device -> busy share of the run
     overlap: float | None = None  # share of the run where draft and target both computed
     how: dict[str, int] = field(default_factory=dict)  # committed tokens by how they became final
@@ -96,13 +105,20 @@ class _Tally:
         self.first_prefill: float | None = None
         self.overlaps: list[float] = []
         self.handed = 0  # branch drafts handed over at hits
+        self.pass_times: dict[str, list[float]] = {"target": [], "draft": []}
+        self.lookahead = 0
+        self.separate_devices = False
 
     def add(self, e) -> None:
         s, kind = self.s, e.type
         if kind == "run_started":
             s.strategy = e.strategy
+            self.lookahead = e.lookahead
+            self.separate_devices = bool(e.draft_device) and e.draft_device != e.target_device
         elif kind == "forward":
             self.spans.setdefault((e.role, e.device), []).append((e.t, e.t + e.dur))
+            if e.phase in ("verify", "decode", "draft", "branch"):  # model work, not a lookup
+                self.pass_times[e.role].append(e.dur)
             if e.phase == "prefill" and (self.first_prefill is None or e.t < self.first_prefill):
                 self.first_prefill = e.t
         elif kind == "draft_proposed":
@@ -169,6 +185,7 @@ class _Tally:
         if self.committed_per_pass:
             s.mean_committed_per_pass = sum(self.committed_per_pass) / len(self.committed_per_pass)
         s.accepted_histogram = dict(sorted(s.accepted_histogram.items()))
+        self.model_bound()
         start_t = self.start_t if self.start_t is not None else self.first_prefill
         end_t = self.end_t
         if end_t is None and self.spans:
@@ -181,6 +198,15 @@ class _Tally:
         if s.wall_s and start_t is not None:
             self.busy_shares(start_t, start_t + s.wall_s)
         return s
+
+    def model_bound(self) -> None:
+        s = self.s
+        times = {role: statistics.median(v) if v else None for role, v in self.pass_times.items()}
+        s.target_pass_s, s.draft_step_s = times["target"], times["draft"]
+        best = best_for(s.strategy, self.separate_devices, s.acceptance_per_check,
+                        s.target_pass_s, s.draft_step_s, self.lookahead)
+        if best is not None:
+            s.best_ms_per_token, s.best_drafts = best.ms_per_token, best.drafts
 
     def busy_shares(self, lo: float, hi: float) -> None:
         """Busy share per device and the share where draft and target both computed, inside
@@ -238,6 +264,14 @@ def format_stats(s: RunStats) -> str:
         f"drafts / verify pass   {num(s.mean_drafts_per_verify)}",
         f"stopped on confidence  {s.confidence_stops} passes",
     ]
+    if s.target_pass_s is not None:
+        draft = "" if s.draft_step_s is None else f", draft step {1000 * s.draft_step_s:.0f} ms"
+        lines.append(f"pass times (median)    target {1000 * s.target_pass_s:.0f} ms{draft}")
+    if s.best_ms_per_token is not None:
+        speed = (f" (this run went {s.best_ms_per_token / s.ms_per_token:.0%} as fast)"
+                 if s.ms_per_token else "")
+        lines.append(f"best with no waste     {s.best_ms_per_token:.1f} ms/token at "
+                     f"{s.best_drafts} drafts/pass{speed}")
     if s.cache_hits + s.cache_misses or s.branch_tokens:
         lines += [
             f"speculation cache      {s.cache_hits} hits, {s.cache_misses} misses "

@@ -206,6 +206,7 @@ def test_bench_report_prints_one_table_for_one_kind():
     print_report(report, Console(file=out, width=120))
     text = out.getvalue()
     assert text.count("ms/token") == 1  # one kind: the table is printed once
+    assert "pass times, and ms per token with no waste" in text
     assert "2.00x" in text and "lossless vs ar (greedy): 0 identical" in text
 
 

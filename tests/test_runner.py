@@ -37,3 +37,29 @@ def test_without_a_preamble_every_run_starts_empty(model):
     runner.forward([1, 2, 3], 1)
     runner.begin()
     assert runner.ids == [] and runner.cache.get_seq_length() == 0
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("cached", [0, 3, 6])  # tokens already in the cache: 0, some, all but one
+def test_a_sibling_gets_its_own_logits_in_the_same_pass_and_leaves_no_trace(model, attn, cached):
+    """forward(seq, sibling=s) returns seq's next-token logits and, as one more row, those of
+    seq[:-1] + [s]: each equal to a pass of its own; the cache then holds seq only (the next
+    pass matches a fresh runner's)."""
+    model.config._attn_implementation = attn
+    try:
+        seq, sibling = [5, 9, 12, 40, 41, 7, 33], 60
+        runner = Runner(model, "cpu")
+        if cached:
+            runner.forward(seq[:cached], 1)
+        logits, fed, _, _ = runner.forward(seq, 1, sibling=sibling)
+        assert fed == len(seq) - cached and logits.shape[0] == 2
+        alone, _, _, _ = Runner(model, "cpu").forward(seq, 1)
+        beside, _, _, _ = Runner(model, "cpu").forward([*seq[:-1], sibling], 1)
+        torch.testing.assert_close(logits[0], alone[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[1], beside[0], rtol=1e-5, atol=1e-5)
+        assert runner.ids == seq and runner.cache.get_seq_length() == len(seq)
+        after, _, _, _ = runner.forward([*seq, 70], 1)
+        expected, _, _, _ = Runner(model, "cpu").forward([*seq, 70], 1)
+        torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        model.config._attn_implementation = "sdpa"

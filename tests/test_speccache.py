@@ -85,11 +85,18 @@ class FakeRunner:
 
 
 class FakeShared:
-    def publish_branch(self, *a):
-        pass
+    def __init__(self):
+        self.table: dict[int, tuple] = {}
+        self.drafts: list[int] = []
+
+    def publish_branch(self, slot, prefix, root, token, drafts, q):
+        self.table[slot] = (root, token, list(drafts))
 
     def clear_branch(self, slot):
-        pass
+        self.table.pop(slot, None)
+
+    def publish_drafts(self, seq, n_prompt, step_s=None):
+        self.drafts = list(seq)
 
 
 def step(token: int, conf: float, alt: int, alt_p: float) -> Step:
@@ -127,6 +134,49 @@ def test_the_draft_bets_on_the_likeliest_rejection_when_its_line_is_unlikely():
     assert {first.slot, second.slot} == {0, 1}
     second.steps.append(step(42, 0.1, 43, 0.05))  # now worth 0.03
     assert plan.choose(seq, list(PROMPT), can_extend=True) is first  # 0.2 > the line's 0.15
+
+
+def test_every_main_line_step_bets_on_its_runner_up_beside_it():
+    """A sibling: the runner-up at the position the step feeds, where nothing bets yet; its
+    branch is one draft deep, published at once, and gets a KV cache of its own only if it
+    grows; a hit on it needs no adoption (the next pass crops to the root and feeds it)."""
+    events = []
+    plan = planner()
+    plan.emit = events.append
+    plan.draft.text = str
+    plan.info = {0: step(10, 0.5, 20, 0.4), 1: step(11, 0.3, 21, 0.6)}
+    seq = [*PROMPT, 10, 11]
+    assert plan.sibling_for(seq, list(PROMPT)) == 21  # beside the line's last token
+    assert plan.sibling_for(seq, [*PROMPT, 10, 11]) is None  # already judged
+    FakeRunner.forks = 0
+    plan.add_sibling(seq, list(PROMPT), step(30, 0.8, 31, 0.1))
+    branch = plan.branches[0]
+    assert (branch.root, branch.token, branch.runner, branch.seq) == (1, 21, None,
+                                                                      [*PROMPT, 10, 21, 30])
+    assert branch.value == pytest.approx(0.5 * 0.7 * 0.6 / 0.7)  # survive 0, reject 1, pick 21
+    assert plan.shared.table[branch.slot] == (1, 21, [30])
+    assert events[-1].sibling and (events[-1].pos, events[-1].depth) == (2, 1)
+    assert plan.sibling_for(seq, list(PROMPT)) is None  # position 1 has its bet now
+    assert FakeRunner.forks == 0
+    # the target rejects 11 and commits 21: the sibling's draft becomes the main line
+    new = plan.settle([*seq, 12], [*PROMPT, 10, 21])
+    assert new == [*PROMPT, 10, 21, 30] and plan.shared.drafts == new and not plan.branches
+
+
+def test_a_sibling_takes_the_weakest_slot_only_from_a_less_likely_bet():
+    plan = planner()
+    plan.draft.text = str
+    plan.info = {i: step(10 + i, 0.9, 20 + i, 0.05) for i in range(5)}
+    plan.info[5] = step(15, 0.2, 25, 0.7)
+    line = [*PROMPT, *(10 + i for i in range(6))]
+    for pos in range(4):  # four weak bets fill every slot: 0.9^pos * 0.1 * 0.5 each
+        plan.add_sibling(line[:len(PROMPT) + pos + 1], list(PROMPT), step(40, 0.5, 41, 0.1))
+    plan.add_sibling(line[:len(PROMPT) + 5], list(PROMPT), step(40, 0.5, 41, 0.1))
+    assert len(plan.branches) == 4  # no slot: nothing added
+    weak = plan.sibling_for(line[:len(PROMPT) + 5], list(PROMPT))  # position 4: 0.9^4 * 0.05
+    assert weak is None and len(plan.branches) == 4  # less than the weakest, 0.9^3 * 0.05
+    assert plan.sibling_for(line, list(PROMPT)) == 25  # position 5: a likely loss, worth a slot
+    assert sorted(b.root for b in plan.branches) == [0, 1, 2]  # the weakest bet made way
 
 
 def test_committed_positions_are_never_bet_on_and_nothing_worth_it_means_rest():
@@ -257,8 +307,10 @@ def test_the_cache_is_used_and_the_output_stays_the_targets(tiny_models, rule):
     assert stats.branch_tokens > 20, stats
     assert stats.cache_hits >= 3 and stats.cache_misses >= 1, stats
     assert stats.cached_passes >= 1, stats  # the target took a branch's drafts itself
+    # a branch step is a pass of its own, or came beside a main-line draft in its pass
     branch_passes = [e for e in events if e.type == "forward" and e.phase == "branch"]
-    assert len(branch_passes) == stats.branch_tokens
+    siblings = [e for e in events if e.type == "branch_step" and e.sibling]
+    assert siblings and len(branch_passes) + len(siblings) == stats.branch_tokens
     # every cached draft the target checked came from a branch that bet on its verdict
     for e in events:
         if e.type == "verify_result" and e.from_cache:

@@ -76,7 +76,9 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
         if action is not EXTEND:
             plan.grow(action)
             continue
-        step = draft_step(req, draft, seq, sampler, device, emit, first=passes == 1)
+        sibling = plan.sibling_for(seq, committed)
+        step = draft_step(req, draft, seq, sampler, device, emit, first=passes == 1,
+                          sibling=sibling)
         if step is None:  # nothing to propose until the target commits more
             idle()
             continue
@@ -84,5 +86,7 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
         if step.q is not None:
             shared.write_q_row(generated, step.token, step.q)  # before the draft is visible
         sampler.noise.forget_before(len(committed) - n_prompt)
+        if step.beside is not None:
+            plan.add_sibling(seq, committed, step.beside)
         seq = [*seq, step.token]
         shared.publish_drafts(seq, n_prompt, step_s=step.secs)

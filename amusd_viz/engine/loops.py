@@ -44,6 +44,7 @@ class Request:
     # speccache.Planner)
     adaptive: bool = False
     spec_cache: bool = False  # amusd: prepare drafts for the likeliest rejections (speccache)
+    siblings: bool = True  # with the cache: a bet fed beside each main-line draft (speccache)
 
 
 @dataclass
@@ -189,26 +190,38 @@ class Step:
     alt_p: float  # the draft's probability of that guess
     top: list = field(default_factory=list)  # the draft's top candidates there
     end_ns: int = 0  # when the pass ended
+    beside: Step | None = None  # the proposal after a sibling fed in the same pass
 
 
 def draft_step(req: Request, draft: Runner, seq: list[int], sampler: Sampler, device: str,
-               emit: Emit, first: bool, phase: str | None = None) -> Step | None:
+               emit: Emit, first: bool, phase: str | None = None,
+               sibling: int | None = None) -> Step | None:
     """One draft step on `seq` (a model pass, or a lookup), or None when the drafter has
     nothing to propose (the n-gram drafter found no match). Emits the pass and, unless it is a
-    branch step (`phase` "branch": the caller reports it), the proposal."""
-    logits, fed, start, end = draft.forward(seq, 1)
+    branch step (`phase` "branch": the caller reports it), the proposal. With `sibling` (a token
+    in place of seq's last, engine/speccache.py), the same pass also drafts after it: that
+    proposal is the step's `beside`."""
+    logits, fed, start, end = (draft.forward(seq, 1) if sibling is None
+                               else draft.forward(seq, 1, sibling=sibling))
     phase = phase or draft.phase_name or ("prefill" if first else "draft")
     emit(_forward_event(req, "draft", device, phase, fed, start, end))
     if logits is None:
         return None
     pos = len(seq) - len(req.prompt_ids)
-    token, q, conf, top = choose(draft, sampler, logits[0], pos)
-    alt, alt_p = sampler.runner_up(token, pos, q, top)
-    step = Step(token, q, (end - start) / 1e9 if fed == 1 else None, conf, alt, alt_p, top,
-                end)
+    secs = (end - start) / 1e9 if fed == 1 else None
+    step = _step(draft, sampler, logits[0], pos, secs, end)
+    if sibling is not None:
+        step.beside = _step(draft, sampler, logits[1], pos, secs, end)
     if phase != "branch":
         emit(proposal_event(req, draft, step, pos, end))
     return step
+
+
+def _step(draft: Runner, sampler: Sampler, row, pos: int, secs: float | None,
+          end: int) -> Step:
+    token, q, conf, top = choose(draft, sampler, row, pos)
+    alt, alt_p = sampler.runner_up(token, pos, q, top)
+    return Step(token, q, secs, conf, alt, alt_p, top, end)
 
 
 class Calibration:

@@ -84,25 +84,39 @@ class Runner:
             del self.ids[keep:]
 
     @torch.inference_mode()
-    def forward(self, seq: list[int], n_logits: int = 1) -> tuple[torch.Tensor, int, int, int]:
-        """Returns (float32 logits [n_logits, vocab], tokens fed, start_ns, end_ns)."""
+    def forward(self, seq: list[int], n_logits: int = 1,
+                sibling: int | None = None) -> tuple[torch.Tensor, int, int, int]:
+        """Returns (float32 logits [n_logits, vocab], tokens fed, start_ns, end_ns).
+
+        With `sibling`, the same pass also feeds that token in place of seq's last one (a tree
+        of two leaves: it sees only the tokens before seq's last) and returns its next-token
+        logits as one more row; it leaves nothing in the cache. On a CPU core a pass of two
+        tokens costs about what one does (the weights are read once), so the amusd draft bets
+        on its runner-up at every position almost for free (engine/speccache.py)."""
         if self.cache is None:
             self.reset()
         keep = min(common_prefix(self.ids, seq), len(seq) - n_logits)
         self.crop(keep)
         feed = seq[keep:]
+        tree = {} if sibling is None else self._sibling_inputs(keep, len(feed))
+        rows = n_logits + (sibling is not None)
         with self.turn():
             start = time.perf_counter_ns()
             out = self.model(
-                input_ids=torch.tensor([feed], dtype=torch.long, device=self.device),
+                input_ids=torch.tensor([feed if sibling is None else [*feed, sibling]],
+                                       dtype=torch.long, device=self.device),
                 cache=self.cache,
                 use_cache=True,
-                logits_to_keep=n_logits,
+                logits_to_keep=rows,
+                **tree,
             )
-            logits = out.logits[0, -n_logits:].float()
+            logits = out.logits[0, -rows:].float()
             if self.is_cuda:
                 torch.cuda.synchronize(self.device)  # stamp the end of the real work
             end = time.perf_counter_ns()
+        if sibling is not None:
+            assert self.cache is not None
+            self.cache.crop(-1)  # the sibling's keys and values: the line goes on without it
         if not bool(torch.isfinite(logits).all()):
             raise NonFiniteLogits(
                 f"the model's logits are not finite (NaN or inf) in {self.model.dtype} on "
@@ -110,6 +124,23 @@ class Runner:
                 "models). Use --dtype bfloat16 or --dtype float32.")
         self.ids.extend(feed)
         return logits, len(feed), start, end
+
+    def _sibling_inputs(self, keep: int, n: int) -> dict:
+        """Positions and an attention mask for `n` fed tokens after `keep` cached ones, plus a
+        sibling of the last: it takes that token's position and sees the tokens before it."""
+        last = keep + n - 1
+        positions = [*range(keep, keep + n), last]
+        allowed = torch.ones(n + 1, keep + n + 1, dtype=torch.bool).tril(keep)
+        allowed[n, last] = False  # not the token it stands beside
+        allowed[n, keep + n] = True  # itself
+        if getattr(self.model.config, "_attn_implementation", "sdpa") != "sdpa":
+            dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed,
+                                                                       torch.finfo(dtype).min)
+        else:
+            mask = allowed
+        return {"position_ids": torch.tensor([positions], device=self.device),
+                "attention_mask": mask[None, None].to(self.device)}
 
     def text(self, token_id: int) -> str:
         if token_id not in self._texts:

@@ -49,6 +49,7 @@ class EngineConfig:
     wait_steps: float = 0.0  # amusd: >0 lets the target wait for drafts (Pace; docs/protocol.md)
     adaptive: bool = True  # sync, amusd: draft as far as it is worth (docs/protocol.md)
     spec_cache: bool = True  # amusd: the speculation cache (engine/speccache.py)
+    siblings: bool = True  # amusd's cache: bets fed beside the main line's drafts
     draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
     preamble: tuple[int, ...] = ()  # the prompt head every run shares: cached at load time
     faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
@@ -216,7 +217,7 @@ class Engine:
         start_ns = time.perf_counter_ns()
         req = Request(list(prompt_ids), max_new_tokens, lookahead, eos_ids, self.t0_ns, max_ahead,
                       self.cfg.wait_steps, sampling, self.vocab, adaptive=self.cfg.adaptive,
-                      spec_cache=self.cfg.spec_cache)
+                      spec_cache=self.cfg.spec_cache, siblings=self.cfg.siblings)
         live = [w for w in self.workers.values() if not w.lost]
         for w in live:
             w.requests.put(RunRequest(run_id, req))

@@ -12,7 +12,10 @@ While the target verifies, the draft can spend a step on one of:
   branch's own drafts so far;
 - **rest**, when nothing is worth at least `MIN_VALUE` (adaptive; on a CPU a draft step slows
   the target's pass on the other core through the shared memory bus).
-It takes the most valuable. Each branch is published in shared memory (SharedState's branch
+It takes the most valuable. Besides, every main-line step bets on the draft's runner-up at
+the position it feeds (a **sibling**, fed in the same pass under a tree attention mask, nearly
+free on a CPU core): a branch one draft deep, grown further only if it becomes the most
+valuable choice. Each branch is published in shared memory (SharedState's branch
 table). When the target's verdict rejects a draft and commits exactly the token a branch bet on
 (a **hit**), the target's next pass takes that branch's drafts straight from the table, without
 waiting for the draft to notice and roll back: otherwise that pass would find no drafts (a solo
@@ -52,7 +55,7 @@ class Branch:
     token: int  # the token bet on there (the draft's runner-up)
     value: float  # the chance the target commits `token` at `root`, by the draft's reckoning
     prefix: list[int]  # prompt + generated tokens before `root` (the main line it forks)
-    runner: Runner  # a fork of the draft's KV cache
+    runner: Runner | None  # a fork of the draft's KV cache (a sibling gets one when it grows)
     slot: int  # its row in the shared branch table
     steps: list[Step] = field(default_factory=list)
 
@@ -93,6 +96,14 @@ class Planner:
             p *= self.calibration.chance(step.conf) if step is not None else 1.0
         return p
 
+    def bet_value(self, first: int, pos: int) -> float:
+        """The chance the target rejects the draft at `pos` and picks its runner-up there: the
+        line survives to `pos`, is rejected there, and the runner-up gets the target's pick
+        (its share of the draft's remaining probability)."""
+        step = self.info[pos]
+        share = self.bet_calibration.chance(_share(step))
+        return self.survival(first, pos) * (1.0 - self.calibration.chance(step.conf)) * share
+
     def choose(self, seq: list[int], committed: list[int], can_extend: bool):
         """EXTEND, a Branch to grow (new ones are created here), or None to rest."""
         first, end = len(committed) - self.n_prompt, len(seq) - self.n_prompt
@@ -105,18 +116,12 @@ class Planner:
                         if len(b.steps) < MAX_DEPTH]
             rooted = {b.root for b in self.branches}
             if len(self.branches) < MAX_BRANCHES:
-                alive = 1.0
                 for pos in range(first, end):
                     step = self.info.get(pos)
                     if step is None:
                         break
-                    chance = self.calibration.chance(step.conf)
                     if pos not in rooted and step.alt != step.token:
-                        # rejected there (1 - chance), and the target picks the runner-up (its
-                        # share of the draft's remaining probability)
-                        share = self.bet_calibration.chance(_share(step))
-                        options.append((alive * (1.0 - chance) * share, (pos, step)))
-                    alive *= chance
+                        options.append((self.bet_value(first, pos), (pos, step)))
         if not options:
             return None
         value, best = max(options, key=lambda o: o[0])
@@ -124,12 +129,43 @@ class Planner:
             return None
         if isinstance(best, tuple):  # a new branch at this position
             pos, step = best
-            cut = self.n_prompt + pos
-            used = {b.slot for b in self.branches}
-            slot = next(i for i in range(MAX_BRANCHES) if i not in used)
-            best = Branch(pos, step.alt, value, seq[:cut], self.draft.fork(), slot)
-            self.branches.append(best)
+            best = self._new_branch(pos, step.alt, value, seq, self.draft.fork())
         return best
+
+    def _new_branch(self, pos: int, token: int, value: float, seq: list[int],
+                    runner: Runner | None) -> Branch:
+        used = {b.slot for b in self.branches}
+        slot = next(i for i in range(MAX_BRANCHES) if i not in used)
+        branch = Branch(pos, token, value, seq[:self.n_prompt + pos], runner, slot)
+        self.branches.append(branch)
+        return branch
+
+    def sibling_for(self, seq: list[int], committed: list[int]) -> int | None:
+        """The runner-up to feed beside seq's last token (a main-line draft the target has not
+        judged), where no branch bets there yet and a slot is free or holds a likelier loss."""
+        pos = len(seq) - 1 - self.n_prompt
+        step = self.info.get(pos)
+        if (not self.cache or not self.req.siblings or len(seq) <= len(committed) or step is None
+                or step.token != seq[-1] or step.alt == step.token
+                or any(b.root == pos for b in self.branches)):
+            return None
+        if len(self.branches) >= MAX_BRANCHES:
+            value = self.bet_value(len(committed) - self.n_prompt, pos)
+            weakest = min(self.branches, key=lambda b: b.value)
+            if weakest.value >= value:
+                return None
+            self._drop([weakest])
+        return step.alt
+
+    def add_sibling(self, seq: list[int], committed: list[int], step: Step) -> None:
+        """The branch a sibling pass drafted: one draft after the runner-up beside seq's last."""
+        if len(self.branches) >= MAX_BRANCHES:
+            return  # a branch grew into the freed slot meanwhile
+        pos = len(seq) - 1 - self.n_prompt
+        value = self.bet_value(len(committed) - self.n_prompt, pos)
+        branch = self._new_branch(pos, self.info[pos].alt, value, seq, None)
+        branch.steps.append(step)
+        self._publish(branch, step, value, sibling=True)
 
     def _drop(self, branches: list[Branch]) -> None:
         gone = {id(b) for b in branches}
@@ -139,19 +175,25 @@ class Planner:
 
     def grow(self, branch: Branch) -> None:
         """One draft step on a branch."""
-        seq = branch.seq
+        if branch.runner is None:  # a sibling: its first draft came free with the main line's
+            branch.runner = self.draft.fork()
         value = branch.next_value(self.calibration)
-        step = draft_step(self.req, branch.runner, seq, self.sampler, self.device, self.emit,
-                          first=False, phase="branch")
+        step = draft_step(self.req, branch.runner, branch.seq, self.sampler, self.device,
+                          self.emit, first=False, phase="branch")
         assert step is not None  # branches only for model drafts
         branch.steps.append(step)
+        self._publish(branch, step, value)
+
+    def _publish(self, branch: Branch, step: Step, value: float, sibling: bool = False) -> None:
+        """Into the shared branch table, and onto the timeline."""
         self.shared.publish_branch(branch.slot, prefix_hash(branch.prefix), branch.root,
                                    branch.token, [s.token for s in branch.steps], step.q)
+        depth = len(branch.steps)
         self.emit(BranchStep(t=(step.end_ns - self.req.t0_ns) / 1e9, root=branch.root,
                              root_token=branch.token, root_text=self.draft.text(branch.token),
-                             pos=len(seq) - self.n_prompt, token_id=step.token,
-                             text=self.draft.text(step.token), depth=len(branch.steps),
-                             value=round(value, 4)))
+                             pos=branch.root + depth, token_id=step.token,
+                             text=self.draft.text(step.token), depth=depth,
+                             value=round(value, 4), sibling=sibling))
 
     # the verdict ---------------------------------------------------------------------------------
     def observe(self, seq: list[int], committed: list[int]) -> None:
@@ -198,7 +240,8 @@ class Planner:
         now = time.perf_counter_ns()
         self.emit(Rollback(t=(now - self.req.t0_ns) / 1e9, to_pos=root,
                            discarded=seq[mismatch:]))
-        self.draft.adopt(hit.runner)
+        if hit.runner is not None:  # else the next pass crops to the root and feeds the branch
+            self.draft.adopt(hit.runner)
         for i, step in enumerate(hit.steps):
             pos = root + 1 + i
             self.info[pos] = step

@@ -1,0 +1,58 @@
+"""The best a strategy could do with the pass times it measured: a model with no waste.
+
+Given the per-check acceptance a (the chance a draft is accepted, given those before it were),
+a pass checking k drafts commits E(k) = 1 + a + ... + a^k tokens on average. Then, with the
+target's pass taking T and a draft step D:
+
+- **sync** (the two models take turns) spends k·D + T per pass;
+- **async** (amusd: the draft drafts the next pass's k tokens while the target verifies) spends
+  max(T, k·D) per pass, and only if no draft step is ever wasted: every rejection finds the
+  right drafts ready (a perfect speculation cache) and the draft never rolls back.
+
+Since max(T, k·D) >= (k·D + T) / 2, async can beat sync by at most 2/s where the two share
+their hardware, s being how much faster a model's pass is on both shares than on one (on two
+CPU cores, sync gives each model both cores in turn and async one core each). With its own
+pass times a run shows how far it is from its model: sync reaches ~90% of its model on this VM,
+amusd about half of its (docs/benchmarks.md): what amusd loses there is waste, not hardware.
+Pass times come from the run itself, so contention between the workers is included. No torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def tokens_per_pass(a: float, k: int) -> float:
+    """E(k): the mean tokens a pass commits checking k drafts at per-check acceptance a."""
+    return float(sum(a ** i for i in range(k + 1)))
+
+
+@dataclass(frozen=True)
+class Best:
+    ms_per_token: float
+    drafts: int  # drafts per pass at the best
+
+
+def sync_best(a: float, target_s: float, draft_s: float, lookahead: int) -> Best:
+    """Turn-taking: k draft steps, then the target's pass."""
+    return min((Best(1000 * (k * draft_s + target_s) / tokens_per_pass(a, k), k)
+                for k in range(lookahead + 1)), key=lambda b: b.ms_per_token)
+
+
+def async_best(a: float, target_s: float, draft_s: float, lookahead: int) -> Best:
+    """Overlapped, with no wasted step: a pass every max(T, k·D)."""
+    return min((Best(1000 * max(target_s, k * draft_s) / tokens_per_pass(a, k), k)
+                for k in range(lookahead + 1)), key=lambda b: b.ms_per_token)
+
+
+def best_for(strategy: str, separate_devices: bool, a: float | None, target_s: float | None,
+             draft_s: float | None, lookahead: int) -> Best | None:
+    """The model of `strategy` (sync, or amusd on two devices), or None where it does not
+    apply (ar, amusd sharing one device, a run without the measurements)."""
+    if a is None or not target_s or not draft_s or lookahead < 1:
+        return None
+    if strategy == "sync":
+        return sync_best(a, target_s, draft_s, lookahead)
+    if strategy == "amusd" and separate_devices:
+        return async_best(a, target_s, draft_s, lookahead)
+    return None
