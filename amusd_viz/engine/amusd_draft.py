@@ -28,6 +28,27 @@ def _adopt_committed(req: Request, seq: list[int], committed: list[int], shared,
     return seq
 
 
+def _extend(req: Request, plan: Planner, seq: list[int], committed: list[int],
+            first: bool) -> list[int] | None:
+    """One main-line draft step (with a sibling bet beside it where one is worth a slot):
+    the longer line, published; None when the drafter has nothing to propose."""
+    n_prompt, shared = len(req.prompt_ids), plan.shared
+    step = draft_step(req, plan.draft, seq, plan.sampler, plan.device, plan.emit, first=first,
+                      sibling=plan.sibling_for(seq, committed))
+    if step is None:
+        return None
+    generated = len(seq) - n_prompt
+    plan.info[generated] = step
+    if step.q is not None:
+        shared.write_q_row(generated, step.token, step.q)  # before the draft is visible
+    plan.sampler.noise.forget_before(len(committed) - n_prompt)
+    if step.beside is not None:
+        plan.add_sibling(seq, committed, step.beside)
+    seq = [*seq, step.token]
+    shared.publish_drafts(seq, n_prompt, step_s=step.secs)
+    return seq
+
+
 def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emit) -> int:
     """The drafter: keeps proposing from its own sequence; when the target commits a token that
     differs from its own at some position, it drops its tokens (and cache) from there, adopts
@@ -76,17 +97,8 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
         if action is not EXTEND:
             plan.grow(action)
             continue
-        sibling = plan.sibling_for(seq, committed)
-        step = draft_step(req, draft, seq, sampler, device, emit, first=passes == 1,
-                          sibling=sibling)
-        if step is None:  # nothing to propose until the target commits more
+        longer = _extend(req, plan, seq, committed, first=passes == 1)
+        if longer is None:  # nothing to propose until the target commits more
             idle()
             continue
-        plan.info[generated] = step
-        if step.q is not None:
-            shared.write_q_row(generated, step.token, step.q)  # before the draft is visible
-        sampler.noise.forget_before(len(committed) - n_prompt)
-        if step.beside is not None:
-            plan.add_sibling(seq, committed, step.beside)
-        seq = [*seq, step.token]
-        shared.publish_drafts(seq, n_prompt, step_s=step.secs)
+        seq = longer
