@@ -142,7 +142,8 @@ class Planner:
 
     def sibling_for(self, seq: list[int], committed: list[int]) -> int | None:
         """The runner-up to feed beside seq's last token (a main-line draft the target has not
-        judged), where no branch bets there yet and a slot is free or holds a likelier loss."""
+        judged), where no branch bets there yet and a slot is free or holds a likelier loss:
+        that weaker bet is dropped here, so the sibling's branch has its slot after the pass."""
         pos = len(seq) - 1 - self.n_prompt
         step = self.info.get(pos)
         if (not self.cache or not self.req.siblings or len(seq) <= len(committed) or step is None
@@ -160,7 +161,7 @@ class Planner:
     def add_sibling(self, seq: list[int], committed: list[int], step: Step) -> None:
         """The branch a sibling pass drafted: one draft after the runner-up beside seq's last."""
         if len(self.branches) >= MAX_BRANCHES:
-            return  # a branch grew into the freed slot meanwhile
+            return  # not reached: sibling_for made room and nothing ran since (a guard)
         pos = len(seq) - 1 - self.n_prompt
         value = self.bet_value(len(committed) - self.n_prompt, pos)
         branch = self._new_branch(pos, self.info[pos].alt, value, seq, None)
