@@ -9,6 +9,7 @@ tokens are compared with `ar`'s.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -48,6 +49,8 @@ VARIANTS: dict[str, dict] = {
     "amusd-nocache": {"spec_cache": False},
     "amusd-plain": {"spec_cache": False, "adaptive": False},
     "amusd-nosib": {"siblings": False},
+    "amusd-notree": {"tree": False},
+    "sync-notree": {"tree": False},
 }
 for _name in VARIANTS:
     KNOWN[_name] = KNOWN[_name.split("-")[0]]
@@ -67,6 +70,10 @@ DESCRIPTIONS = {
     "amusd-nocache": "amusd without the speculation cache (--spec-cache off)",
     "amusd-plain": "amusd with neither the cache nor the adaptive draft (both off)",
     "amusd-nosib": "amusd's cache without the runner-up bet fed beside each draft (siblings)",
+    "amusd-notree": "amusd's cache with branches checked only in the pass after a hit, not in "
+                    "the main line's pass (tree passes off)",
+    "sync-notree": "sync checking only its drafts, not the draft's other likely tokens beside "
+                   "them (tree passes off)",
 }
 
 
@@ -134,6 +141,8 @@ class Result:
     drafts_per_verify: float | None = None
     cache_hits: int = 0
     cache_misses: int = 0
+    tree_hits: int = 0  # amusd: verdicts that went on along a branch in their own pass
+    tree_tokens: int = 0  # the tokens committed past the bet that way
     target_pass_ms: float | None = None  # median target pass after the prefill
     draft_step_ms: float | None = None  # median draft model step
     best_ms_per_token: float | None = None  # the strategy with no waste (amusd_viz/bound.py)
@@ -260,15 +269,13 @@ def summarize(results: list[Result], names: list[str]) -> dict:
                 "drafts_per_verify": round(statistics.mean(drafts), 2) if drafts else None,
                 "cache_hit_rate": round(sum(r.cache_hits for r in mine) / verdicts, 3)
                 if verdicts else None,
+                "tree_hits": sum(r.tree_hits for r in mine),
+                "tree_tokens": sum(r.tree_tokens for r in mine),
                 **{what: round(median(v), 1) if v else None for what, v in times.items()},
                 # the same pass times and acceptance with no waste (amusd_viz/bound.py)
                 "best_ms_per_token": round(median(best), 2) if best else None,
             }
-        for ref in ("ar", "sync"):
-            base = out.get(ref, {}).get("median_ms_per_token")
-            for row in out.values():
-                row[f"speedup_vs_{ref}"] = round(base / row["median_ms_per_token"], 3) if base else None
-        return out
+        return _with_speedups(out, rows)
 
     kinds = sorted({r.kind for r in results})
     return {"overall": block(results), "by_kind": {k: block([r for r in results if r.kind == k])
@@ -346,9 +353,32 @@ def _result(name: str, prompt: Prompt, repeat: int, gen, events, started: RunSta
         if name == "ar" else [], draft_lost=gen.draft_lost,
         target_passes=s.target_passes, solo_passes=s.solo_passes,
         drafts_per_verify=s.mean_drafts_per_verify, cache_hits=s.cache_hits,
-        cache_misses=s.cache_misses, target_pass_ms=_ms(s.target_pass_s),
+        cache_misses=s.cache_misses, tree_hits=s.tree_hits, tree_tokens=s.tree_tokens,
+        target_pass_ms=_ms(s.target_pass_s),
         draft_step_ms=_ms(s.draft_step_s),
         best_ms_per_token=None if s.best_ms_per_token is None else round(s.best_ms_per_token, 2))
+
+
+def _with_speedups(out: dict, rows: list[Result]) -> dict:
+    """Each strategy against ar and sync: pooled medians, and paired per prompt and repeat."""
+    for ref in ("ar", "sync"):
+        base = out.get(ref, {}).get("median_ms_per_token")
+        for name, row in out.items():
+            row[f"speedup_vs_{ref}"] = round(base / row["median_ms_per_token"], 3) if base else None
+            row[f"paired_vs_{ref}"] = paired_speedup(rows, name, ref)
+    return out
+
+
+def paired_speedup(rows: list[Result], name: str, ref: str) -> float | None:
+    """The geometric mean, over the (prompt, repeat) pairs both strategies ran, of ref's
+    ms/token over name's: each pair ran minutes apart at most, so this sees through the slow
+    drifts of a shared machine that pooled medians mix in."""
+    base = {(r.prompt_id, r.repeat): r.ms_per_token for r in rows if r.strategy == ref}
+    ratios = [base[(r.prompt_id, r.repeat)] / r.ms_per_token for r in rows
+              if r.strategy == name and (r.prompt_id, r.repeat) in base and r.ms_per_token > 0]
+    if not ratios:
+        return None
+    return round(math.exp(statistics.mean(math.log(x) for x in ratios)), 3)
 
 
 def _ms(secs: float | None) -> float | None:

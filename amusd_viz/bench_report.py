@@ -44,7 +44,8 @@ def model_table(summary: dict) -> Table:
 def summary_table(summary: dict, title: str | None = None) -> Table:
     table = Table(title=title, title_justify="left", box=None, pad_edge=False)
     for header, justify in (("strategy", "left"), ("ms/token", "right"), ("min-max", "right"),
-                            ("vs ar", "right"), ("vs sync", "right"), ("acc/pass", "right"),
+                            ("vs ar", "right"), ("vs sync", "right"), ("paired", "right"),
+                            ("acc/pass", "right"),
                             ("accept", "right"), ("per check", "right"), ("Σmin(p,q)", "right"),
                             ("drafts/pass", "right"), ("solo", "right"), ("cache hit", "right"),
                             ("busy", "left")):
@@ -55,6 +56,7 @@ def summary_table(summary: dict, title: str | None = None) -> Table:
         table.add_row(name, f"{row['median_ms_per_token']:.1f}",
                       f"{row['min_ms_per_token']:.0f}-{row['max_ms_per_token']:.0f}",
                       _speedup(row["speedup_vs_ar"]), _speedup(row["speedup_vs_sync"]),
+                      _speedup(row.get("paired_vs_sync")),
                       "-" if acc is None else f"{acc:.2f}", _pct(row["acceptance_rate"]),
                       _pct(row.get("acceptance_per_check")), _pct(row.get("expected_acceptance")),
                       "-" if row.get("drafts_per_verify") is None
@@ -80,6 +82,9 @@ def print_report(report: dict, console: Console | None = None) -> list[dict]:
     # piped into a file, rich would fold the table to 80 columns
     console = console or Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     console.print(summary_table(report["summary"], "all prompts"))
+    console.print("paired: sync's time per token over this strategy's on the same prompt and "
+                  "repeat (geometric mean); steadier than medians on a noisy machine",
+                  highlight=False)
     console.print()
     console.print(model_table(report["summary"]))
     if len(report["by_kind"]) > 1:

@@ -117,12 +117,12 @@ def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> N
     on_off = ("on", "off")
     g.add_argument("--adaptive", choices=on_off, default="on",
                    help="sync and amusd: draft only as far as the draft's own confidence makes "
-                        "a token worth its step (the lookahead stays the most), and let amusd's "
-                        "target wait a step or two for a draft instead of decoding alone "
-                        "(default: on)")
+                        "a token worth its step (the lookahead stays the most); amusd's draft "
+                        "rests when no step is worth it (default: on)")
     g.add_argument("--spec-cache", choices=on_off, default="on",
                    help="amusd: while the target verifies, also draft on branches that bet on "
-                        "its likeliest corrections, so that a hit hands it drafts at once "
+                        "its likeliest corrections, so that a hit hands it drafts at once, and "
+                        "let the target check those bets in the pass that decides them "
                         "(default: on)")
     max_new = DEFAULT_BENCH_MAX_NEW if bench else DEFAULT_MAX_NEW
     g.add_argument("--max-new-tokens", type=positive_int, default=max_new, metavar="N",

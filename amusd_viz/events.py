@@ -130,6 +130,15 @@ class VerifyResult(_Event):
     draft_stop: str | None = None
     # amusd: the drafts came from a speculation-cache branch that bet on the previous verdict
     from_cache: bool = False
+    # amusd's cache, checked in the same pass (a token tree): how many branches the pass also
+    # checked; where the target rejected the draft at `tree_root` and picked a branch's bet, the
+    # branch's drafts it then judged (`tree_proposed`) and how many it accepted. `committed`
+    # holds the whole lot: the accepted drafts, the bet, the branch's accepted drafts and the
+    # target's own last token.
+    tree_paths: int = 0
+    tree_root: int | None = None
+    tree_proposed: list[int] = Field(default_factory=list)
+    tree_accepted: int = 0
 
 
 class BranchStep(_Event):

@@ -45,6 +45,10 @@ class RunStats:
     cache_misses: int = 0
     cache_hit_rate: float | None = None
     cached_passes: int = 0
+    # tree passes: where the target's pick at a rejection was a branch's bet and it went on
+    # along that branch in the same pass; the tokens it committed past the bet that way
+    tree_hits: int = 0
+    tree_tokens: int = 0
     branch_tokens: int = 0
     wasted_branch_tokens: int = 0
     draft_tokens: int = 0
@@ -153,6 +157,9 @@ class _Tally:
         self.committed_per_pass.append(len(e.committed))
         s.target_passes += 1
         s.cached_passes += bool(getattr(e, "from_cache", False))
+        if getattr(e, "tree_root", None) is not None:
+            s.tree_hits += 1
+            s.tree_tokens += max(0, len(e.committed) - e.accepted - 1)
         s.confidence_stops += getattr(e, "draft_stop", None) == "confidence"
         if not e.proposed:
             s.solo_passes += 1
@@ -278,6 +285,9 @@ def format_stats(s: RunStats) -> str:
             f"({pct(s.cache_hit_rate)}); {s.cached_passes} passes took a branch's drafts",
             f"branch tokens          {s.branch_tokens} ({s.wasted_branch_tokens} never handed over)",
         ]
+    if s.tree_hits:
+        lines.append(f"tree passes            {s.tree_hits} picked a bet beside a rejected draft "
+                     f"and went on (+{s.tree_tokens} tokens)")
     lines += [
         "committed by kind      " + (" ".join(f"{k}:{v}" for k, v in sorted(s.how.items())) or "-"),
     ]

@@ -78,9 +78,9 @@ class CountingTarget:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def forward(self, seq, n_logits=1):
+    def forward(self, seq, n_logits=1, **tree):
         self.verified += n_logits > 1
-        return self.runner.forward(seq, n_logits)
+        return self.runner.forward(seq, n_logits, **tree)
 
 
 def empirical(run, draws: int = DRAWS) -> Counter:

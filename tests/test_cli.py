@@ -208,6 +208,7 @@ def test_bench_report_prints_one_table_for_one_kind():
     assert text.count("ms/token") == 1  # one kind: the table is printed once
     assert "pass times, and ms per token with no waste" in text
     assert "2.00x" in text and "lossless vs ar (greedy): 0 identical" in text
+    assert "paired: sync's time per token" in text and "0.50x" in text  # ar against sync
 
 
 def test_bench_plot_draws_a_png(tmp_path):

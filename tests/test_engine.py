@@ -117,6 +117,28 @@ def test_rollbacks_happen_and_stay_lossless(engines):
     assert all(len(e.top) == 5 and abs(sum(c.p for c in e.top)) <= 1.0001 for e in proposals)
 
 
+def test_sync_checks_the_drafts_other_likely_tokens_in_the_same_pass(engines):
+    """Tree passes (engine/tree.py): beside each draft the target also checks the draft's other
+    likely tokens; where it rejects a draft and picks one of them, the same pass commits its own
+    next token after it. Same output, fewer passes (fixed lookahead: nothing depends on time)."""
+    prompt = [11, 12, 13]
+    reference, _ = run(engines, "ar", prompt, 60)
+    gen, events = run(engines, "sync", prompt, 60, lookahead=4, draft="draft_near",
+                      adaptive=False)
+    flat, flat_events = run(engines, "sync", prompt, 60, lookahead=4, draft="draft_near",
+                            adaptive=False, tree=False)
+    assert gen.token_ids == reference.token_ids and flat.token_ids == reference.token_ids
+    check_invariants(gen, events)
+    hits = [e for e in events if e.type == "verify_result" and e.tree_root is not None]
+    assert hits
+    for e in hits:  # the accepted drafts, the bet, the target's token after it
+        assert e.tree_paths >= 1 and e.tree_root == e.start_pos + e.accepted
+        assert len(e.committed) == min(e.accepted + 2, 60 - e.start_pos) and not e.tree_accepted
+    assert not any(e.type == "verify_result" and e.tree_paths for e in flat_events)
+    passes = [sum(e.type == "verify_result" for e in evs) for evs in (events, flat_events)]
+    assert passes[0] < passes[1], passes
+
+
 def test_lookahead_one(engines):
     prompt = [30, 31]
     reference, _ = run(engines, "ar", prompt, 25)

@@ -63,3 +63,34 @@ def test_a_sibling_gets_its_own_logits_in_the_same_pass_and_leaves_no_trace(mode
         torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
     finally:
         model.config._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("cached", [0, 2, 5])  # before both anchors, between them, past one
+def test_paths_get_the_logits_of_their_own_lines_in_one_pass(model, attn, cached):
+    """forward(seq, n, paths=...) returns seq's last n rows, then one row per path token, each
+    equal to a pass over the path's own line (seq[:anchor] + the path up to that token); the
+    pass leaves seq alone in the cache."""
+    model.config._attn_implementation = attn
+    try:
+        seq = [5, 9, 12, 40, 41, 7, 33]
+        paths = [(3, [60, 61, 62]), (6, [70]), (4, [80, 81])]
+        runner = Runner(model, "cpu")
+        if cached:
+            runner.forward(seq[:cached], 1)
+        logits, fed, _, _ = runner.forward(seq, 3, paths=paths)
+        assert fed == len(seq) - min(cached, len(seq) - 3) and logits.shape[0] == 3 + 6
+        alone, _, _, _ = Runner(model, "cpu").forward(seq, 3)
+        torch.testing.assert_close(logits[:3], alone, rtol=1e-5, atol=1e-5)
+        row = 3
+        for anchor, tokens in paths:
+            line = [*seq[:anchor], *tokens]
+            own, _, _, _ = Runner(model, "cpu").forward(line, len(tokens))
+            torch.testing.assert_close(logits[row:row + len(tokens)], own, rtol=1e-5, atol=1e-5)
+            row += len(tokens)
+        assert runner.ids == seq and runner.cache.get_seq_length() == len(seq)
+        after, _, _, _ = runner.forward([*seq, 70], 1)
+        expected, _, _, _ = Runner(model, "cpu").forward([*seq, 70], 1)
+        torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        model.config._attn_implementation = "sdpa"

@@ -219,14 +219,14 @@ def cache_waiting_shared(vocab: int):
 
 
 def run_amusd(target, draft, seed: int, rule: str, shared, spec_cache: bool = False,
-              draft_emit=lambda e: None) -> tuple[int, ...]:
+              draft_emit=lambda e: None, target_emit=lambda e: None) -> tuple[int, ...]:
     req = dataclasses.replace(request(seed, rule), spec_cache=spec_cache, adaptive=spec_cache)
     shared.reset()
     shared.set_draft_alive(True)
     worker = threading.Thread(target=amusd_draft_loop, args=(req, draft, "cpu", shared,
                                                               draft_emit))
     worker.start()
-    out = amusd_target_loop(req, target, "cpu", shared, lambda e: None)
+    out = amusd_target_loop(req, target, "cpu", shared, target_emit)
     worker.join(10)
     return tuple(out.token_ids)
 
@@ -290,12 +290,31 @@ def test_rejection_sampling_with_the_speculation_cache_keeps_the_target_distribu
             seen["hit" if event.hit else "miss"] += 1
         elif event.type == "draft_proposed" and event.cached:
             seen["cached drafts"] += 1
+        elif event.type == "verify_result" and event.tree_root is not None:
+            seen["tree"] += 1
 
     counting = CountingTarget(target)
     counts = empirical(lambda seed: run_amusd(counting, draft, seed, "rejection", shared,
-                                              spec_cache=True, draft_emit=count))
+                                              spec_cache=True, draft_emit=count,
+                                              target_emit=count))
     assert seen["hit"] > DRAWS / 20 and seen["cached drafts"] > DRAWS / 20, seen
+    assert seen["tree"] > DRAWS / 20, seen  # verdicts went on along a branch in their pass
     assert tv(counts, exact, DRAWS) < tv_bound(len(exact), DRAWS), tv(counts, exact, DRAWS)
+
+
+def test_a_tree_pass_that_ignores_the_targets_pick_fails_the_same_test(runners, near_draft, exact,
+                                                                       monkeypatch):
+    """The mutation the cache's own code could make: going on along any branch that leaves
+    the line at the rejected draft, not only the one that bet on the target's pick. The
+    target's next token then comes from its logits after the wrong token: the test sees it."""
+    from amusd_viz.engine import loops
+
+    monkeypatch.setattr(loops, "_goes_on", lambda path, anchor, pick: path.anchor == anchor)
+    target = runners[0]
+    shared = cache_waiting_shared(target.vocab)
+    counts = empirical(lambda seed: run_amusd(target, near_draft, seed, "rejection", shared,
+                                              spec_cache=True))
+    assert tv(counts, exact, DRAWS) > tv_bound(len(exact), DRAWS), tv(counts, exact, DRAWS)
 
 
 @pytest.mark.parametrize("mutation", ["always_accept", "correction_from_p"])

@@ -51,6 +51,34 @@ def test_a_branch_is_read_only_when_the_target_committed_its_bet(shared):
     assert shared.read_branch_drafts([*PROMPT, 7, 30], 3, 8) == ([], [])
 
 
+def test_a_tree_pass_checks_the_branches_and_bets_that_leave_its_line(shared):
+    """The target's tree: branches that leave committed + drafts at one of the drafts (their
+    prefix hashed as the line's), then the draft's other likely tokens at each draft; likeliest
+    first (earlier drafts, likelier alternatives), cut to the token budget."""
+    from amusd_viz.engine.tree import TreePath
+
+    committed, drafts = [*PROMPT, 7], [8, 9, 10]  # drafts at generated positions 1, 2, 3
+    line = [*committed, *drafts]
+    shared.publish_branch(0, prefix_hash(line[:5]), 2, 40, [41, 42])  # bets 40 for the 9
+    shared.publish_branch(1, prefix_hash([*PROMPT, 6]), 1, 30, [31])  # another prefix
+    shared.publish_branch(2, prefix_hash(line[:4]), 0, 20, [21])  # bets on a committed token
+    shared.write_alts(4, [30, 8, 33])  # beside the 8: 30 and 33 (8 is the draft itself)
+    shared.write_alts(5, [40, 43])  # beside the 9: 40 is the branch's bet already
+    shared.write_alts(6, [50])
+    paths = shared.read_tree_paths(committed, 3, drafts, 12)
+    assert paths == [TreePath(4, 30, [], []), TreePath(5, 40, [41, 42], []),
+                     TreePath(4, 33, [], []), TreePath(5, 43, [], []), TreePath(6, 50, [], [])]
+    # the budget: whole bets in that order, the last one's drafts cut to fit
+    assert shared.read_tree_paths(committed, 3, drafts, 3) == [TreePath(4, 30, [], []),
+                                                               TreePath(5, 40, [41], [])]
+    assert shared.read_tree_paths(committed, 3, [], 12) == []  # a solo pass checks nothing
+    shared.set_draft_alive(False)
+    assert shared.read_tree_paths(committed, 3, drafts, 12) == []
+    shared.set_draft_alive(True)
+    shared.reset()  # a new run: no bets left from this one
+    assert shared.read_tree_paths(committed, 3, drafts, 12) == []
+
+
 def test_sampled_branch_drafts_come_with_the_q_they_were_drawn_from():
     import torch
 
@@ -88,6 +116,7 @@ class FakeShared:
     def __init__(self):
         self.table: dict[int, tuple] = {}
         self.drafts: list[int] = []
+        self.alts: dict[int, list[int]] = {}  # sequence index -> the draft's other tokens there
 
     def publish_branch(self, slot, prefix, root, token, drafts, q):
         self.table[slot] = (root, token, list(drafts))
@@ -97,6 +126,9 @@ class FakeShared:
 
     def publish_drafts(self, seq, n_prompt, step_s=None):
         self.drafts = list(seq)
+
+    def write_alts(self, index, tokens):
+        self.alts[index] = list(tokens)
 
 
 def step(token: int, conf: float, alt: int, alt_p: float) -> Step:
@@ -161,6 +193,7 @@ def test_every_main_line_step_bets_on_its_runner_up_beside_it():
     # the target rejects 11 and commits 21: the sibling's draft becomes the main line
     new = plan.settle([*seq, 12], [*PROMPT, 10, 21])
     assert new == [*PROMPT, 10, 21, 30] and plan.shared.drafts == new and not plan.branches
+    assert plan.shared.alts == {len(PROMPT) + 2: [31]}  # its runner-up: a bet for the tree
 
 
 def test_a_sibling_takes_the_weakest_slot_only_from_a_less_likely_bet():
@@ -288,17 +321,20 @@ def test_the_cache_is_used_and_the_output_stays_the_targets(tiny_models, rule):
     extra = {} if sampling is None else {"sampling": sampling}
     ar, ar_sink = start(tiny_models, "ar", "draft_near", **extra)
     amusd, sink = start(tiny_models, "amusd", "draft_near", **extra)
+    # hits handed to the next pass only: the path a tree pass takes only beyond its budget
+    no_tree, no_tree_sink = start(tiny_models, "amusd", "draft_near", tree=False, **extra)
     plain, plain_sink = start(tiny_models, "amusd", "draft_near", spec_cache=False, **extra)
     try:
         reference = runs(ar, ar_sink, sampling)
         cached = runs(amusd, sink, sampling)
+        next_pass = runs(no_tree, no_tree_sink, sampling)
         without = runs(plain, plain_sink, sampling)
     finally:
-        for engine in (ar, amusd, plain):
+        for engine in (ar, amusd, no_tree, plain):
             engine.close()
-    for (ref, _), (ids, events), (ids_off, events_off) in zip(reference, cached, without,
-                                                            strict=True):
-        assert ids == ref and ids_off == ref
+    for (ref, _), (ids, events), (ids_next, _), (ids_off, events_off) in zip(
+            reference, cached, next_pass, without, strict=True):
+        assert ids == ref and ids_next == ref and ids_off == ref
         commits = [e for e in events if e.type == "token_committed"]
         assert [e.pos for e in commits] == list(range(len(ref)))
         assert not any(e.type in ("branch_step", "cache_verdict") for e in events_off)
@@ -306,16 +342,26 @@ def test_the_cache_is_used_and_the_output_stays_the_targets(tiny_models, rule):
     stats = compute(events)
     assert stats.branch_tokens > 20, stats
     assert stats.cache_hits >= 3 and stats.cache_misses >= 1, stats
-    assert stats.cached_passes >= 1, stats  # the target took a branch's drafts itself
     # a branch step is a pass of its own, or came beside a main-line draft in its pass
     branch_passes = [e for e in events if e.type == "forward" and e.phase == "branch"]
     siblings = [e for e in events if e.type == "branch_step" and e.sibling]
     assert siblings and len(branch_passes) + len(siblings) == stats.branch_tokens
-    # every cached draft the target checked came from a branch that bet on its verdict
-    for e in events:
+    # tree passes: the target went on along a branch in the pass that rejected the main line,
+    # committing the bet, then the branch's drafts it accepted, then its own token
+    went_on = [e for e in events if e.type == "verify_result" and e.tree_root is not None]
+    assert went_on and stats.tree_hits == len(went_on), stats
+    for e in went_on:
+        assert e.tree_paths >= 1 and e.tree_root == e.start_pos + e.accepted
+        assert len(e.committed) == e.accepted + 1 + e.tree_accepted + 1
+        assert e.committed[e.accepted + 1:][:e.tree_accepted] == e.tree_proposed[:e.tree_accepted]
+    # without tree passes, the target took a branch's drafts in the pass after the hit
+    later = [e for _, run_events in next_pass for e in run_events]
+    assert compute(later).cached_passes >= 1
+    assert not any(e.type == "verify_result" and e.tree_paths for e in later)
+    for e in events + later:
         if e.type == "verify_result" and e.from_cache:
-            assert e.proposed
-    handed = [e for e in events if e.type == "draft_proposed" and e.cached]
+            assert e.proposed  # every cached draft came from a branch that bet on its verdict
+    handed = [e for e in later if e.type == "draft_proposed" and e.cached]
     assert handed and all(e.top for e in handed)
 
 
@@ -346,6 +392,27 @@ def test_the_tui_marks_cached_drafts_and_names_their_bet():
     line = cache_source(state, state.tokens[2])
     assert line is not None and "position 1" in line.plain and "' x'" in line.plain
     assert cache_source(state, state.tokens[3]) is None  # a correction, not a cached draft
+
+
+def test_the_tui_marks_drafts_a_tree_pass_took_from_a_branch():
+    from amusd_viz.events import TokenCommitted
+    from amusd_viz.ui.state import RunState
+    from amusd_viz.ui.widgets import cache_source
+
+    state = RunState()
+    hows = [(5, "a", "decoded"), (6, " b", "accepted"), (30, " x", "correction"),
+            (31, " y", "accepted"), (4, " w", "bonus")]
+    for pos, (token, text, how) in enumerate(hows):
+        state.ingest(TokenCommitted(t=0.1, pos=pos, token_id=token, text=text, how=how))
+    # drafts 6, 7 at 1, 2: the target took 6, picked 30 over 7 (a branch's bet), went on along
+    # the branch: its draft 31 accepted, then its own 4
+    state.ingest(VerifyResult(t=0.1, start_pos=1, proposed=[6, 7], accepted=1,
+                              committed=[6, 30, 31, 4], tree_paths=3, tree_root=2,
+                              tree_proposed=[31], tree_accepted=1))
+    assert set(state.cached) == {3}
+    line = cache_source(state, state.tokens[3])
+    assert line is not None and "position 2" in line.plain and "' x'" in line.plain
+    assert "same pass" in line.plain
 
 
 def test_the_switches_reach_the_engine_and_the_bench_races_both():

@@ -149,6 +149,12 @@ def test_summary_medians_and_speedups_by_hand():
     assert code["ar"]["median_ms_per_token"] == 200.0  # median of 100 and 300
     assert code["sync"]["speedup_vs_ar"] == round(200.0 / 70.0, 3)
     assert s["by_kind"]["prose"]["sync"]["speedup_vs_ar"] == 0.5
+    # paired: per prompt 100/40, 300/100, 200/400, geometric mean (2.5 * 3 * 0.5) ** (1/3)
+    assert sync["paired_vs_ar"] == round((2.5 * 3 * 0.5) ** (1 / 3), 3)
+    assert ar["paired_vs_sync"] == round(1 / (2.5 * 3 * 0.5) ** (1 / 3), 3)
+    assert sync["paired_vs_sync"] == 1.0
+    lone = summarize([*rows, _result("amusd", [1], prompt="z", ms=50.0)], ["ar", "amusd"])
+    assert lone["overall"]["amusd"]["paired_vs_ar"] is None  # no prompt in common
 
 
 def test_prompt_file_errors_name_the_line(tmp_path):

@@ -41,6 +41,8 @@ def _extend(req: Request, plan: Planner, seq: list[int], committed: list[int],
     plan.info[generated] = step
     if step.q is not None:
         shared.write_q_row(generated, step.token, step.q)  # before the draft is visible
+    if plan.cache:
+        shared.write_alts(len(seq), step.others())
     plan.sampler.noise.forget_before(len(committed) - n_prompt)
     if step.beside is not None:
         plan.add_sibling(seq, committed, step.beside)

@@ -12,11 +12,12 @@ decoding. The loops differ only in where draft tokens come from and when:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from amusd_viz.engine.runner import Runner
 from amusd_viz.engine.sampling import GREEDY, Sampler, SamplingParams, Verdict
+from amusd_viz.engine.tree import bare_bets, within
 from amusd_viz.events import (
     Candidate,
     DraftProposed,
@@ -27,6 +28,11 @@ from amusd_viz.events import (
 )
 
 Emit = Callable[[object], None]
+
+# amusd's tree passes: at most this many tokens in one target pass (the main line's and its
+# branches'). On one CPU core the 1.5B target's pass costs ~310 ms for 1 to 13 tokens, 350 for
+# 17, 380 for 25 (docs/benchmarks.md): past a dozen, each branch token starts to cost time.
+TREE_TOKENS = 12
 
 
 @dataclass
@@ -45,6 +51,9 @@ class Request:
     adaptive: bool = False
     spec_cache: bool = False  # amusd: prepare drafts for the likeliest rejections (speccache)
     siblings: bool = True  # with the cache: a bet fed beside each main-line draft (speccache)
+    # tree passes: the target checks the draft's other likely tokens (amusd with the cache: and
+    # its branches) in the pass that checks its drafts (engine/tree.py)
+    tree: bool = True
 
 
 @dataclass
@@ -120,21 +129,49 @@ def _tops(runner: Runner, logits, verdict: Verdict, sampler: Sampler) -> list[li
 
 def verify(req: Request, c: Committer, target: Runner, device: str, drafts: list[int],
            emit: Emit, sampler: Sampler, q_rows: list | None = None,
-           stopped: str | None = None, cached: bool = False) -> int:
+           stopped: str | None = None, cached: bool = False, paths: Sequence = ()) -> int:
     """One target pass over [last committed] + drafts: judge, commit, report. Returns how many
-    drafts were accepted."""
-    logits, fed, start, end = target.forward(c.seq + drafts, len(drafts) + 1)
+    drafts were accepted. With `paths` (the draft's branches, shared.TreePath), the same pass
+    also checks each branch; where the target rejects a draft and picks exactly the token a
+    branch bet on there, the verdict goes on along that branch's drafts."""
+    tree = [(p.anchor, [p.token, *p.drafts]) for p in paths]
+    logits, fed, start, end = target.forward(c.seq + drafts, len(drafts) + 1, paths=tree)
     emit(_forward_event(req, "target", device, "verify" if drafts else "decode",
-                        fed, start, end))
+                        fed + sum(len(t) for _, t in tree), start, end))
     start_pos = c.n_new
-    verdict = sampler.verdict(logits, drafts, start_pos, q_rows or [])
-    committed = c.commit(verdict.tokens, verdict.hows, _tops(target, logits, verdict, sampler))
+    main = logits[:len(drafts) + 1]
+    verdict = sampler.verdict(main, drafts, start_pos, q_rows or [])
+    tokens, hows = list(verdict.tokens), list(verdict.hows)
+    tops = _tops(target, main, verdict, sampler)
+    taken, row = None, len(drafts) + 1
+    for path in paths:
+        if verdict.accepted < len(drafts) and _goes_on(path, len(c.seq) + verdict.accepted,
+                                                       verdict.tokens[-1]):
+            # its rows are the target's logits after the bet, as a next pass would compute them
+            rows = logits[row:row + 1 + len(path.drafts)]
+            taken = sampler.verdict(rows, path.drafts, start_pos + len(verdict.tokens),
+                                    path.q_rows)
+            tokens += taken.tokens
+            hows += taken.hows
+            tops += _tops(target, rows, taken, sampler)
+            break
+        row += 1 + len(path.drafts)
+    committed = c.commit(tokens, hows, tops)
     emit(VerifyResult(t=_secs(req, end), start_pos=start_pos, proposed=drafts,
                       accepted=verdict.accepted, committed=committed, draft_stop=stopped,
-                      from_cache=cached,
+                      from_cache=cached, tree_paths=len(paths),
+                      tree_root=start_pos + verdict.accepted if taken else None,
+                      tree_proposed=path.drafts if taken else [],
+                      tree_accepted=taken.accepted if taken else 0,
                       **_check_fields(verdict)))
     sampler.noise.forget_before(c.n_new)
     return verdict.accepted
+
+
+def _goes_on(path, anchor: int, pick: int) -> bool:
+    """Whether a tree pass's verdict goes on along `path`: the branch leaves the line where
+    the target rejected a draft, with the very token the target picked there."""
+    return path.anchor == anchor and path.token == pick
 
 
 def _check_fields(verdict: Verdict) -> dict:
@@ -191,6 +228,13 @@ class Step:
     top: list = field(default_factory=list)  # the draft's top candidates there
     end_ns: int = 0  # when the pass ended
     beside: Step | None = None  # the proposal after a sibling fed in the same pass
+
+    def others(self) -> list[int]:
+        """The draft's other likely tokens here, its runner-up first: bets on the target's
+        pick should it reject this one."""
+        first = [self.alt] if self.alt != self.token else []
+        return [*first, *(c["id"] for c in self.top
+                          if c["id"] not in (self.token, self.alt) and c["p"] > 0)]
 
 
 def draft_step(req: Request, draft: Runner, seq: list[int], sampler: Sampler, device: str,
@@ -316,6 +360,7 @@ def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Em
         drafts: list[int] = []
         q_rows: list = []
         confs: list[float] = []
+        others: list[list[int]] = []
         stopped = None
         for _ in range(min(req.lookahead, c.remaining - 1)):
             if req.adaptive and not budget.one_more(confs):
@@ -329,11 +374,16 @@ def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Em
             drafts.append(step.token)
             q_rows.append(step.q)
             confs.append(step.conf)
+            others.append(step.others())
             if step.token in req.eos_ids:
                 break
         start_pos = c.n_new
         started = time.perf_counter()
-        accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows, stopped)
+        # the draft's other likely tokens, checked in the same pass (engine/tree.py)
+        bets = (within(bare_bets(len(c.seq), drafts, others), TREE_TOKENS - len(drafts) - 1)
+                if req.tree else [])
+        accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows, stopped,
+                          paths=bets)
         budget.observe_verify(time.perf_counter() - started, confs, accepted)
         if accepted < len(drafts):  # the draft's cache drops these on its next forward pass
             emit(Rollback(t=_secs(req, time.perf_counter_ns()), to_pos=start_pos + accepted,
@@ -379,8 +429,9 @@ class Pace:
 def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: Emit) -> Outcome:
     """The verifier. Each pass checks whatever draft tokens extend the committed text (up to the
     lookahead), or else those of a speculation-cache branch that bet on the verdict it has just
-    reached (engine/speccache.py); with none, it decodes one token on its own. It waits for
-    drafts only when `wait_steps` > 0 (an experiment; see Pace)."""
+    reached (engine/speccache.py); with none, it decodes one token on its own. With the cache,
+    the same pass also checks the branches that leave its line at one of its drafts (a token
+    tree, `verify`). It waits for drafts only when `wait_steps` > 0 (an experiment; see Pace)."""
     target.begin()
     c = Committer(req, target, emit)
     n_prompt = len(req.prompt_ids)
@@ -414,8 +465,11 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
             # rollback ends the drafts there
             q_rows = shared.read_q_rows(c.n_new, drafts)
             drafts = drafts[:len(q_rows)]
+        paths = (shared.read_tree_paths(c.seq, n_prompt, drafts, TREE_TOKENS - len(drafts) - 1)
+                 if req.tree and cache_lookup else [])
         before = c.n_new
-        accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows, cached=cached)
+        accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows, cached=cached,
+                          paths=paths)
         shared.publish_committed(c.seq, n_prompt, done=c.done)
         shared.pass_turn("draft")
         pace.observe(len(drafts), accepted, c.n_new - before)

@@ -75,7 +75,7 @@ class Prepared:
                             dtype=cfg.dtype, stall_timeout=cfg.stall_timeout,
                             wait_steps=cfg.wait_steps, draft_quant=cfg.draft_quant,
                             adaptive=cfg.adaptive, spec_cache=cfg.spec_cache,
-                            siblings=cfg.siblings,
+                            siblings=cfg.siblings, tree=cfg.tree,
                             preamble=self.preamble if cfg.preamble_cache else (),
                             faults={str(role): spec for role, spec in cfg.faults.items()},
                             sampling=cfg.sampling)

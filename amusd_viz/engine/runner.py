@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -84,27 +85,32 @@ class Runner:
             del self.ids[keep:]
 
     @torch.inference_mode()
-    def forward(self, seq: list[int], n_logits: int = 1,
-                sibling: int | None = None) -> tuple[torch.Tensor, int, int, int]:
-        """Returns (float32 logits [n_logits, vocab], tokens fed, start_ns, end_ns).
+    def forward(self, seq: list[int], n_logits: int = 1, sibling: int | None = None,
+                paths: Sequence[tuple[int, list[int]]] = ()) -> tuple[torch.Tensor, int, int, int]:
+        """Returns (float32 logits [rows, vocab], tokens fed, start_ns, end_ns): the next-token
+        logits of seq's last `n_logits` positions, then those of each path's tokens.
 
-        With `sibling`, the same pass also feeds that token in place of seq's last one (a tree
-        of two leaves: it sees only the tokens before seq's last) and returns its next-token
-        logits as one more row; it leaves nothing in the cache. On a CPU core a pass of two
-        tokens costs about what one does (the weights are read once), so the amusd draft bets
-        on its runner-up at every position almost for free (engine/speccache.py)."""
+        A path (anchor, tokens) is a line that leaves seq at index `anchor`: its first token
+        stands in place of seq[anchor] (seeing only seq[:anchor], at that position), the others
+        follow it. Paths go into the same pass under a tree attention mask and leave nothing in
+        the cache. On a CPU a pass of a dozen tokens costs about what one does (the weights are
+        read once), so the amusd draft bets on its runner-up beside every draft (`sibling`:
+        the path (len(seq) - 1, [sibling])) and the target checks the draft's branches in the
+        pass that checks its main line (engine/speccache.py)."""
+        if sibling is not None:
+            paths = [(len(seq) - 1, [sibling])]
         if self.cache is None:
             self.reset()
         keep = min(common_prefix(self.ids, seq), len(seq) - n_logits)
         self.crop(keep)
         feed = seq[keep:]
-        tree = {} if sibling is None else self._sibling_inputs(keep, len(feed))
-        rows = n_logits + (sibling is not None)
+        extra = [t for _, tokens in paths for t in tokens]
+        tree = self._tree_inputs(keep, len(feed), paths) if paths else {}
+        rows = n_logits + len(extra)
         with self.turn():
             start = time.perf_counter_ns()
             out = self.model(
-                input_ids=torch.tensor([feed if sibling is None else [*feed, sibling]],
-                                       dtype=torch.long, device=self.device),
+                input_ids=torch.tensor([[*feed, *extra]], dtype=torch.long, device=self.device),
                 cache=self.cache,
                 use_cache=True,
                 logits_to_keep=rows,
@@ -114,9 +120,9 @@ class Runner:
             if self.is_cuda:
                 torch.cuda.synchronize(self.device)  # stamp the end of the real work
             end = time.perf_counter_ns()
-        if sibling is not None:
+        if extra:
             assert self.cache is not None
-            self.cache.crop(-1)  # the sibling's keys and values: the line goes on without it
+            self.cache.crop(-len(extra))  # the paths' keys and values: the line goes on alone
         if not bool(torch.isfinite(logits).all()):
             raise NonFiniteLogits(
                 f"the model's logits are not finite (NaN or inf) in {self.model.dtype} on "
@@ -125,14 +131,21 @@ class Runner:
         self.ids.extend(feed)
         return logits, len(feed), start, end
 
-    def _sibling_inputs(self, keep: int, n: int) -> dict:
-        """Positions and an attention mask for `n` fed tokens after `keep` cached ones, plus a
-        sibling of the last: it takes that token's position and sees the tokens before it."""
-        last = keep + n - 1
-        positions = [*range(keep, keep + n), last]
-        allowed = torch.ones(n + 1, keep + n + 1, dtype=torch.bool).tril(keep)
-        allowed[n, last] = False  # not the token it stands beside
-        allowed[n, keep + n] = True  # itself
+    def _tree_inputs(self, keep: int, n: int, paths: Sequence[tuple[int, list[int]]]) -> dict:
+        """Positions and an attention mask for `n` fed tokens after `keep` cached ones, then
+        the paths' tokens: each sees seq before its anchor, and its own path up to itself."""
+        extra = sum(len(tokens) for _, tokens in paths)
+        total = keep + n + extra
+        allowed = torch.zeros(n + extra, total, dtype=torch.bool)
+        allowed[:n, :keep + n] = torch.ones(n, keep + n, dtype=torch.bool).tril(keep)
+        positions = list(range(keep, keep + n))
+        row = n  # the query row of the path's first token; its key is keep + row
+        for anchor, tokens in paths:
+            for j in range(len(tokens)):
+                allowed[row + j, :anchor] = True
+                allowed[row + j, keep + row:keep + row + j + 1] = True
+                positions.append(anchor + j)
+            row += len(tokens)
         if getattr(self.model.config, "_attn_implementation", "sdpa") != "sdpa":
             dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed,

@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from amusd_viz.engine.tree import Bet, TreePath, bare_bets, within
+
 COMMITTED_LEN, DRAFTS_LEN, DONE, EPOCH, DRAFT_ALIVE, DRAFT_STEP_US, COMMITTED_SEQ, DRAFTS_SEQ = range(8)
 
 
@@ -28,6 +30,7 @@ Q_SEQ, Q_POS, Q_TOKEN = range(3)
 # the prefix the branch forks (prompt + generated tokens before its root), the root position
 # (generated index), the token bet on there, how many drafts follow, then the drafts.
 BRANCH_SLOTS, BRANCH_DEPTH = 4, 8
+ALTS = 4  # the draft's other likely tokens kept beside each draft: bets for the target's tree
 B_SEQ, B_HASH, B_ROOT, B_TOKEN, B_N = range(5)
 B_WIDTH = 5 + BRANCH_DEPTH
 
@@ -77,6 +80,10 @@ class SharedState:
         self.drafted = ctx.Event()  # set by every draft publish: the target may have work
         self._committed = ctx.RawArray("q", capacity)
         self._drafts = ctx.RawArray("q", capacity)
+        # the draft's other likely tokens beside each draft (bets the target checks in its tree
+        # passes), -1 for none; no lock: a stale bet only wastes a row of the target's pass,
+        # which commits nothing it did not pick itself
+        self._alts = ctx.RawArray("q", capacity * ALTS)
         self._meta = ctx.RawArray("q", 8)  # indexed by the constants above
         self._branches = ctx.RawArray("q", BRANCH_SLOTS * B_WIDTH)
         # sampling: each branch draft's q row (the target needs q to judge it)
@@ -92,6 +99,7 @@ class SharedState:
         meta[COMMITTED_LEN] = meta[DRAFTS_LEN] = meta[DONE] = 0
         meta[EPOCH] += 1
         self.clear_branches()
+        self._view(self._alts)[:] = -1
         self.wakeup.clear()
         self.drafted.clear()
         if self._turn:  # the target goes first: its prefill
@@ -215,6 +223,13 @@ class SharedState:
             meta[DRAFT_STEP_US] = int(0.8 * old + 0.2 * step_s * 1e6) if old else int(step_s * 1e6)
         self.drafted.set()
 
+    def write_alts(self, index: int, tokens: list[int]) -> None:
+        """The draft's likeliest other tokens at sequence index `index`, likeliest first
+        (written before that draft is published)."""
+        row = self._view(self._alts).reshape(-1, ALTS)[index]
+        row[:] = -1
+        row[:min(ALTS, len(tokens))] = tokens[:ALTS]
+
     def wait_for_drafts(self, committed: list[int], n_prompt: int, limit: int, want: int,
                         timeout: float) -> list[int]:
         """Drafts extending `committed`: blocks (never spins) until `want` of them exist, the
@@ -314,12 +329,10 @@ class SharedState:
         for slot in range(BRANCH_SLOTS):
             self.clear_branch(slot)
 
-    def read_branch_drafts(self, committed: list[int], n_prompt: int,
-                           limit: int) -> tuple[list[int], list]:
-        """Target side: drafts from a branch whose bet the committed text has just confirmed
-        (its prefix, then its token), and (sampling) their q rows; ([], []) when none has."""
-        if limit <= 0 or not self.draft_alive:
-            return [], []
+    def _branch_snapshots(self) -> list[tuple[int, int, int, list[int], np.ndarray | None]]:
+        """Target side: a consistent copy of every published branch (seqlock), as
+        (prefix hash, root, token, drafts, q rows or None)."""
+        out = []
         for slot, row in enumerate(self._branch_rows()):
             before = int(row[B_SEQ])
             if before % 2:
@@ -328,19 +341,58 @@ class SharedState:
             q_rows = self._branch_q_rows()[slot].copy() if self._branch_q is not None else None
             if int(row[B_SEQ]) != before or snap[B_N] <= 0:
                 continue
-            cut = n_prompt + int(snap[B_ROOT])
-            if len(committed) <= cut or committed[cut] != int(snap[B_TOKEN]):
+            out.append((int(snap[B_HASH]), int(snap[B_ROOT]), int(snap[B_TOKEN]),
+                        snap[5:5 + int(snap[B_N])].tolist(), q_rows))
+        return out
+
+    def read_branch_drafts(self, committed: list[int], n_prompt: int,
+                           limit: int) -> tuple[list[int], list]:
+        """Target side: drafts from a branch whose bet the committed text has just confirmed
+        (its prefix, then its token), and (sampling) their q rows; ([], []) when none has."""
+        if limit <= 0 or not self.draft_alive:
+            return [], []
+        for hashed, root, token, drafts, q_rows in self._branch_snapshots():
+            cut = n_prompt + root
+            if len(committed) <= cut or committed[cut] != token:
                 continue
-            line = [*committed[:cut + 1], *snap[5:5 + int(snap[B_N])].tolist()]
+            line = [*committed[:cut + 1], *drafts]
             if line[:len(committed)] != committed or len(line) <= len(committed):
                 continue
-            if prefix_hash(committed[:cut]) != int(snap[B_HASH]):
+            if prefix_hash(committed[:cut]) != hashed:
                 continue
             first = len(committed) - (cut + 1)  # index of the first draft still to judge
-            drafts = line[len(committed):len(committed) + limit]
-            if q_rows is None:
-                return drafts, []
-            import torch
-
-            return drafts, [torch.from_numpy(q_rows[first + i]) for i in range(len(drafts))]
+            out = line[len(committed):len(committed) + limit]
+            return out, _q_list(q_rows, first, len(out))
         return [], []
+
+    def read_tree_paths(self, committed: list[int], n_prompt: int, drafts: list[int],
+                        budget: int) -> list[TreePath]:
+        """Target side: the bets that leave the line committed + drafts at one of the drafts
+        (the target rejects that draft and picks the bet's token instead): the published
+        branches, then the draft's other likely tokens beside each draft; the likeliest within
+        `budget` tokens (engine/tree.py)."""
+        if budget <= 0 or not drafts or not self.draft_alive:
+            return []
+        line = [*committed, *drafts]
+        found = []
+        for hashed, root, token, branch_drafts, q_rows in self._branch_snapshots():
+            anchor = n_prompt + root
+            if not len(committed) <= anchor < len(line) or line[anchor] == token:
+                continue
+            if prefix_hash(line[:anchor]) != hashed:
+                continue
+            q_list = _q_list(q_rows, 0, len(branch_drafts))
+            found.append(Bet(0, TreePath(anchor, token, branch_drafts, q_list)))
+        # the sibling branch of the last draft comes only with the draft's next step; its
+        # runner-up alone is a bet meanwhile
+        others = self._view(self._alts).reshape(-1, ALTS)[len(committed):len(line)].tolist()
+        taken = {(b.path.anchor, b.path.token) for b in found}
+        return within([*found, *bare_bets(len(committed), drafts, others, taken)], budget)
+
+
+def _q_list(q_rows: np.ndarray | None, first: int, n: int) -> list:
+    if q_rows is None:
+        return []
+    import torch
+
+    return [torch.from_numpy(q_rows[first + i]) for i in range(n)]

@@ -248,6 +248,7 @@ class Planner:
             self.info[pos] = step
             if step.q is not None:
                 self.shared.write_q_row(pos, step.token, step.q)  # before the draft is visible
+            self.shared.write_alts(n + pos, step.others())
             self.emit(proposal_event(self.req, self.draft, step, pos, now, branch_root=root))
         new = hit.seq
         self.shared.publish_drafts(new, n)  # before the branch leaves the table: no gap between

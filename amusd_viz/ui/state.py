@@ -82,6 +82,7 @@ class RunState:
     rollbacks: list[tuple[float, int, int]] = field(default_factory=list)  # (t, to_pos, n)
     # amusd's speculation cache: pos -> (root, its token's text) of the branch its draft came from
     cached: dict[int, tuple[int, str]] = field(default_factory=dict)
+    tree_taken: set[int] = field(default_factory=set)  # of those: checked in the rejecting pass
     bets: dict[int, str] = field(default_factory=dict)  # root -> text of the token bet on (hits)
     branch_texts: dict[tuple[int, int], str] = field(default_factory=dict)  # (pos, id) -> text
     accepted_per_pass: list[int] = field(default_factory=list)
@@ -162,6 +163,13 @@ class RunState:
             root = e.start_pos - 1
             for pos in range(e.start_pos, e.start_pos + e.accepted):
                 self.cached[pos] = (root, self.bets.get(root, "?"))
+        root = getattr(e, "tree_root", None)
+        if root is not None:
+            # a tree pass went on along a branch: its drafts past the bet came from the cache
+            bet = self.tokens[root].text if root < len(self.tokens) else "?"
+            for pos in range(root + 1, root + 1 + e.tree_accepted):
+                self.cached[pos] = (root, bet)
+                self.tree_taken.add(pos)
         if e.proposed:
             self.accepted_per_pass.append(e.accepted)
         if e.accepted < len(e.proposed):

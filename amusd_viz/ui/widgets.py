@@ -293,10 +293,12 @@ def cache_source(state: RunState, tok) -> Text | None:
     if bet is None:
         return None
     root, text = bet
+    then = ("the target checked this draft in the same pass (a tree pass: no second pass)"
+            if tok.pos in state.tree_taken
+            else "this draft was ready at once (no solo pass while the draft rolled back)")
     return Text(f"\nfrom the speculation cache: drafted ahead on a branch that bet the target "
-                f"would reject the draft at position {root} and pick {text!r}; it did, and this "
-                "draft was ready at once (no solo pass while the draft rolled back)",
-                STYLES["cached"].split()[0])
+                f"would reject the draft at position {root} and pick {text!r}; it did, and "
+                f"{then}", STYLES["cached"].split()[0])
 
 
 def why(state: RunState, tok) -> Text | None:
