@@ -224,6 +224,8 @@ class StatsPanel(Static):
             table.add_row("solo target passes", f"{s.solo_passes}/{s.target_passes}")
         if s.cache_hit_rate is not None:
             table.add_row("cache hits", f"{s.cache_hits}/{s.cache_hits + s.cache_misses}")
+        if s.tree_hits:  # verdicts that went on along a bet in their own pass
+            table.add_row("tree hits", f"{s.tree_hits} (+{s.tree_tokens} tokens)")
         table.add_row("rollbacks", f"{s.rollbacks}")
         table.add_row("wasted drafts", f"{s.wasted_draft_tokens}")
         for device, share in s.busy.items():
