@@ -39,6 +39,14 @@ def test_without_a_preamble_every_run_starts_empty(model):
     assert runner.ids == [] and runner.cache.get_seq_length() == 0
 
 
+def assert_holds_only(runner, model, seq):
+    """The cache holds seq and nothing else: the next pass equals a fresh runner's."""
+    assert runner.ids == seq and runner.cache.get_seq_length() == len(seq)
+    after, _, _, _ = runner.forward([*seq, 70], 1)
+    expected, _, _, _ = Runner(model, "cpu").forward([*seq, 70], 1)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("cached", [0, 3, 6])  # tokens already in the cache: 0, some, all but one
 def test_a_sibling_gets_its_own_logits_in_the_same_pass_and_leaves_no_trace(model, attn, cached):
@@ -57,10 +65,7 @@ def test_a_sibling_gets_its_own_logits_in_the_same_pass_and_leaves_no_trace(mode
         beside, _, _, _ = Runner(model, "cpu").forward([*seq[:-1], sibling], 1)
         torch.testing.assert_close(logits[0], alone[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits[1], beside[0], rtol=1e-5, atol=1e-5)
-        assert runner.ids == seq and runner.cache.get_seq_length() == len(seq)
-        after, _, _, _ = runner.forward([*seq, 70], 1)
-        expected, _, _, _ = Runner(model, "cpu").forward([*seq, 70], 1)
-        torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+        assert_holds_only(runner, model, seq)
     finally:
         model.config._attn_implementation = "sdpa"
 
@@ -88,9 +93,6 @@ def test_paths_get_the_logits_of_their_own_lines_in_one_pass(model, attn, cached
             own, _, _, _ = Runner(model, "cpu").forward(line, len(tokens))
             torch.testing.assert_close(logits[row:row + len(tokens)], own, rtol=1e-5, atol=1e-5)
             row += len(tokens)
-        assert runner.ids == seq and runner.cache.get_seq_length() == len(seq)
-        after, _, _, _ = runner.forward([*seq, 70], 1)
-        expected, _, _, _ = Runner(model, "cpu").forward([*seq, 70], 1)
-        torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+        assert_holds_only(runner, model, seq)
     finally:
         model.config._attn_implementation = "sdpa"

@@ -29,8 +29,8 @@ from amusd_viz.events import (
 
 Emit = Callable[[object], None]
 
-# amusd's tree passes: at most this many tokens in one target pass (the main line's and its
-# branches'). On one CPU core the 1.5B target's pass costs ~310 ms for 1 to 13 tokens, 350 for
+# tree passes (sync and amusd): at most this many tokens in one target pass (the drafts' and
+# the bets'). On one CPU core the 1.5B target's pass costs ~310 ms for 1 to 13 tokens, 350 for
 # 17, 380 for 25 (docs/benchmarks.md): past a dozen, each branch token starts to cost time.
 TREE_TOKENS = 12
 
@@ -131,9 +131,9 @@ def verify(req: Request, c: Committer, target: Runner, device: str, drafts: list
            emit: Emit, sampler: Sampler, q_rows: list | None = None,
            stopped: str | None = None, cached: bool = False, paths: Sequence = ()) -> int:
     """One target pass over [last committed] + drafts: judge, commit, report. Returns how many
-    drafts were accepted. With `paths` (the draft's branches, shared.TreePath), the same pass
-    also checks each branch; where the target rejects a draft and picks exactly the token a
-    branch bet on there, the verdict goes on along that branch's drafts."""
+    drafts were accepted. With `paths` (bets beside the drafts, engine/tree.TreePath), the same
+    pass also checks each; where the target rejects a draft and picks exactly the token a path
+    bets on there, the verdict goes on along that path's drafts."""
     tree = [(p.anchor, [p.token, *p.drafts]) for p in paths]
     logits, fed, start, end = target.forward(c.seq + drafts, len(drafts) + 1, paths=tree)
     emit(_forward_event(req, "target", device, "verify" if drafts else "decode",
