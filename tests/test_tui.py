@@ -128,6 +128,25 @@ async def test_save_writes_a_valid_log_and_trace(tmp_path):
     assert len(read_log(logs[0]).events) == len(read_log(PROSE).events)
 
 
+@pytest.mark.parametrize("size", [(100, 30), (80, 24), SIZE])
+async def test_every_pane_fits_a_small_terminal(size):
+    """Under 40 rows the charts shrink instead of pushing the stats and the inspector off the
+    screen (the screen would scroll, and its scrollbar covered the last chart); the legend wraps
+    in a narrow text pane instead of being cut."""
+    app = replay_app()
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause(0.3)
+        assert app.screen.max_scroll_y == 0 and app.screen.max_scroll_x == 0
+        footer_row = size[1] - 1
+        for pane in ("#timeline", "#text-pane", "#stats", "#inspector", "#charts"):
+            region = app.query_one(pane).region
+            assert region.height >= 3 and region.bottom <= footer_row, (pane, region)
+            assert region.right <= size[0], (pane, region)
+        legend = app.query_one("#legend")
+        assert "pending draft" in plain(legend) and legend.region.height >= 1
+        assert legend.virtual_size.width <= legend.region.width + 2  # wrapped, not cut
+
+
 def test_snapshot_of_a_recorded_run(snap_compare):
     assert snap_compare(replay_app(), terminal_size=SIZE, run_before=_settle)
 

@@ -113,6 +113,7 @@ class PromptScreen(ModalScreen[str | None]):
 class AmusdApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "amusd-viz"
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]  # app.tcss: the layout under 40 rows
     BINDINGS = [
         Binding("q", "quit", "quit"),
         Binding("question_mark", "help", "help"),
