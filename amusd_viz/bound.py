@@ -1,8 +1,10 @@
 """The best a strategy could do with the pass times it measured: a model with no waste.
 
 Given the per-check acceptance a (the chance a draft is accepted, given those before it were),
-a pass checking k drafts commits E(k) = 1 + a + ... + a^k tokens on average. Then, with the
-target's pass taking T and a draft step D:
+a pass checking k drafts commits E(k) = 1 + a + ... + a^k tokens on average; with tree passes
+(the pass also checks bets beside its drafts, engine/tree.py) a rejection, which comes with
+probability 1 - a^k, also yields the run's measured tokens per rejection from bets, b:
+E(k) + b·(1 - a^k). Then, with the target's pass taking T and a draft step D:
 
 - **sync** (the two models take turns) spends k·D + T per pass;
 - **async** (amusd: the draft drafts the next pass's k tokens while the target verifies) spends
@@ -22,9 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def tokens_per_pass(a: float, k: int) -> float:
-    """E(k): the mean tokens a pass commits checking k drafts at per-check acceptance a."""
-    return float(sum(a ** i for i in range(k + 1)))
+def tokens_per_pass(a: float, k: int, bets: float = 0.0) -> float:
+    """E(k): the mean tokens a pass commits checking k drafts at per-check acceptance a, plus
+    `bets` tokens per rejection that a bet beside the rejected draft won."""
+    return float(sum(a ** i for i in range(k + 1))) + bets * (1 - a ** k)
 
 
 @dataclass(frozen=True)
@@ -33,26 +36,28 @@ class Best:
     drafts: int  # drafts per pass at the best
 
 
-def sync_best(a: float, target_s: float, draft_s: float, lookahead: int) -> Best:
+def sync_best(a: float, target_s: float, draft_s: float, lookahead: int,
+              bets: float = 0.0) -> Best:
     """Turn-taking: k draft steps, then the target's pass."""
-    return min((Best(1000 * (k * draft_s + target_s) / tokens_per_pass(a, k), k)
+    return min((Best(1000 * (k * draft_s + target_s) / tokens_per_pass(a, k, bets), k)
                 for k in range(lookahead + 1)), key=lambda b: b.ms_per_token)
 
 
-def async_best(a: float, target_s: float, draft_s: float, lookahead: int) -> Best:
+def async_best(a: float, target_s: float, draft_s: float, lookahead: int,
+               bets: float = 0.0) -> Best:
     """Overlapped, with no wasted step: a pass every max(T, k·D)."""
-    return min((Best(1000 * max(target_s, k * draft_s) / tokens_per_pass(a, k), k)
+    return min((Best(1000 * max(target_s, k * draft_s) / tokens_per_pass(a, k, bets), k)
                 for k in range(lookahead + 1)), key=lambda b: b.ms_per_token)
 
 
 def best_for(strategy: str, separate_devices: bool, a: float | None, target_s: float | None,
-             draft_s: float | None, lookahead: int) -> Best | None:
+             draft_s: float | None, lookahead: int, bets: float = 0.0) -> Best | None:
     """The model of `strategy` (sync, or amusd on two devices), or None where it does not
     apply (ar, amusd sharing one device, a run without the measurements)."""
     if a is None or not target_s or not draft_s or lookahead < 1:
         return None
     if strategy == "sync":
-        return sync_best(a, target_s, draft_s, lookahead)
+        return sync_best(a, target_s, draft_s, lookahead, bets)
     if strategy == "amusd" and separate_devices:
-        return async_best(a, target_s, draft_s, lookahead)
+        return async_best(a, target_s, draft_s, lookahead, bets)
     return None

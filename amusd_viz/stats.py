@@ -101,7 +101,7 @@ class _Tally:
         self.s = RunStats()
         self.start_t: float | None = None
         self.end_t: float | None = None
-        self.proposed = self.accepted = self.checked = 0
+        self.proposed = self.accepted = self.checked = self.rejections = 0
         self.reached: Counter[int] = Counter()  # verify passes that reached draft position i
         self.passed: Counter[int] = Counter()  # ... and accepted it
         self.committed_per_pass: list[int] = []
@@ -169,6 +169,7 @@ class _Tally:
         self.proposed += len(e.proposed)
         self.accepted += e.accepted
         self.checked += min(len(e.proposed), e.accepted + 1)
+        self.rejections += e.accepted < len(e.proposed)
         s.accepted_histogram[e.accepted] = s.accepted_histogram.get(e.accepted, 0) + 1
         for i in range(min(e.accepted + 1, len(e.proposed))):
             self.reached[i] += 1
@@ -210,8 +211,10 @@ class _Tally:
         s = self.s
         times = {role: statistics.median(v) if v else None for role, v in self.pass_times.items()}
         s.target_pass_s, s.draft_step_s = times["target"], times["draft"]
+        # tokens a bet won per rejected draft: the tree passes' share of the model
+        bets = s.tree_tokens / self.rejections if self.rejections else 0.0
         best = best_for(s.strategy, self.separate_devices, s.acceptance_per_check,
-                        s.target_pass_s, s.draft_step_s, self.lookahead)
+                        s.target_pass_s, s.draft_step_s, self.lookahead, bets)
         if best is not None:
             s.best_ms_per_token, s.best_drafts = best.ms_per_token, best.drafts
 

@@ -78,3 +78,26 @@ def test_the_stats_report_pass_times_and_the_best_with_no_waste():
     shared = compute(_run("cpu:0"))  # both workers on one core: the model does not apply
     assert shared.best_ms_per_token is None
     assert "best with no waste" not in format_stats(shared)
+
+
+def test_bets_won_at_rejections_raise_the_model():
+    """A rejection comes with probability 1 - a^k; a tree pass then wins b more tokens on
+    average. a = 0.5, k = 2, b = 0.4: E = 1.75 + 0.4 · 0.75 = 2.05."""
+    assert tokens_per_pass(0.5, 2, bets=0.4) == pytest.approx(2.05)
+    assert tokens_per_pass(1.0, 3, bets=5.0) == 4.0  # nothing is ever rejected
+    s = sync_best(0.5, 1.0, 0.1, 4, bets=0.4)
+    assert s.ms_per_token == min(1000 * (k * 0.1 + 1.0) / tokens_per_pass(0.5, k, 0.4)
+                                 for k in range(5))
+    assert s.ms_per_token < sync_best(0.5, 1.0, 0.1, 4).ms_per_token
+
+
+def test_the_stats_count_the_tokens_bets_won():
+    """_run's two passes each reject a draft; a tree pass that took a bet and went on one token
+    past it (tree_tokens 1 of 2 rejections: b = 0.5) lowers the best with no waste."""
+    events = _run("cpu:1")
+    events[-2] = VerifyResult(t=5.0, start_pos=3, proposed=[8, 9], accepted=1,
+                              committed=[8, 4, 2], tree_paths=1, tree_root=1)
+    s = compute(events)
+    assert s.tree_tokens == 1
+    assert s.best_ms_per_token == pytest.approx(async_best(0.5, 1.0, 0.1, 4, bets=0.5).ms_per_token)
+    assert s.best_ms_per_token < compute(_run("cpu:1")).best_ms_per_token
