@@ -51,9 +51,10 @@ VARIANTS: dict[str, dict] = {
     "amusd-nosib": {"siblings": False},
     "amusd-notree": {"tree": False},
     "sync-notree": {"tree": False},
+    "amusd-1dev-plain": {"adaptive": False, "tree": False},
 }
 for _name in VARIANTS:
-    KNOWN[_name] = KNOWN[_name.split("-")[0]]
+    KNOWN[_name] = KNOWN[_name.rsplit("-", 1)[0]]
 DESCRIPTIONS = {
     "ar": "target alone, all cores / its GPU (the strongest plain baseline)",
     "ar-1dev": "target alone on one device (the paper's baseline)",
@@ -74,6 +75,8 @@ DESCRIPTIONS = {
                     "the main line's pass (tree passes off)",
     "sync-notree": "sync checking only its drafts, not the draft's other likely tokens beside "
                    "them (tree passes off)",
+    "amusd-1dev-plain": "amusd on one device drafting the whole lookahead every turn, with no "
+                        "bets beside its drafts (adaptive and tree passes off)",
 }
 
 

@@ -188,7 +188,7 @@ def test_both_workers_on_one_device(engines):
     prompt = [70, 71, 72, 73]
     reference, _ = run(engines, "ar", prompt, 30)
     gen, events = run(engines, "amusd", prompt, 30, lookahead=3, draft="draft_near",
-                      draft_device="cpu:0")
+                      draft_device="cpu:0", adaptive=False)
     assert gen.token_ids == reference.token_ids
     assert {e.device for e in events if e.type == "forward"} == {"cpu:0"}
     check_invariants(gen, events)  # the two workers take turns: no overlapping spans
@@ -197,6 +197,24 @@ def test_both_workers_on_one_device(engines):
     verifies = [e for e in events if e.type == "verify_result"]
     assert all(len(e.proposed) == min(3, 30 - e.start_pos - 1) for e in verifies[1:]), \
         [len(e.proposed) for e in verifies]
+
+
+def test_on_one_device_amusd_drafts_as_far_as_sync_would(engines):
+    """Taking turns on one device is sync's schedule, so amusd's turns follow sync's adaptive
+    lookahead (a draft that disagrees often stops early) and its passes check sync's bets
+    beside the drafts; the tokens stay ar's."""
+    prompt = [30, 31, 32, 33, 34]
+    reference, _ = run(engines, "ar", prompt, 40)
+    lengths = {}
+    for adaptive in (False, True):
+        gen, events = run(engines, "amusd", prompt, 40, lookahead=8, draft_device="cpu:0",
+                          adaptive=adaptive)
+        assert gen.token_ids == reference.token_ids
+        check_invariants(gen, events)
+        verifies = [e for e in events if e.type == "verify_result"][1:]
+        lengths[adaptive] = sum(len(e.proposed) for e in verifies) / len(verifies)
+        assert any(e.tree_paths for e in verifies)  # bets beside the drafts, as in sync
+    assert lengths[True] < 0.75 * lengths[False], lengths
 
 
 def test_workers_are_separate_processes(engines):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from amusd_viz.engine.loops import Emit, Request, _secs, draft_step, sampler_for
+from amusd_viz.engine.loops import DraftBudget, Emit, Request, Step, _secs, draft_step, sampler_for
 from amusd_viz.engine.runner import Runner
 from amusd_viz.engine.speccache import EXTEND, Planner
 from amusd_viz.events import Rollback
@@ -28,8 +28,48 @@ def _adopt_committed(req: Request, seq: list[int], committed: list[int], shared,
     return seq
 
 
+class Turns:
+    """One device (SharedState's baton): how far a turn drafts before it hands the device to
+    the target, by sync's rule (loops.DraftBudget: one more draft while its chance of being
+    accepted, per second of drafting, beats the pass's expected rate). Taking turns on one
+    device is sync's schedule, so it gets sync's lookahead; the target's pass is timed from the
+    hand-over to the turn coming back."""
+
+    def __init__(self, adaptive: bool) -> None:
+        self.adaptive = adaptive
+        self.budget = DraftBudget()
+        self.start = 0  # where this turn's drafts begin in the sequence
+        self.drafts: list[Step] = []
+        self.handed_at: float | None = None
+
+    def worth_another(self) -> bool:
+        return not self.adaptive or self.budget.one_more([d.conf for d in self.drafts])
+
+    def drafted(self, position: int, step: Step) -> None:
+        if not self.drafts:
+            self.start = position
+        self.drafts.append(step)
+        self.budget.observe_draft(step.secs)
+
+    def hand_over(self) -> None:
+        self.handed_at = time.perf_counter()
+
+    def back(self, committed: list[int]) -> None:
+        """The turn came back with the target's verdict on this turn's drafts in `committed`."""
+        if self.handed_at is None:
+            return
+        accepted = 0
+        for i, step in enumerate(self.drafts):
+            if self.start + i >= len(committed) or committed[self.start + i] != step.token:
+                break
+            accepted += 1
+        confs = [d.conf for d in self.drafts]
+        self.budget.observe_verify(time.perf_counter() - self.handed_at, confs, accepted)
+        self.drafts, self.handed_at = [], None
+
+
 def _extend(req: Request, plan: Planner, seq: list[int], committed: list[int],
-            first: bool) -> list[int] | None:
+            first: bool, alts: bool) -> list[int] | None:
     """One main-line draft step (with a sibling bet beside it where one is worth a slot):
     the longer line, published; None when the drafter has nothing to propose."""
     n_prompt, shared = len(req.prompt_ids), plan.shared
@@ -41,7 +81,7 @@ def _extend(req: Request, plan: Planner, seq: list[int], committed: list[int],
     plan.info[generated] = step
     if step.q is not None:
         shared.write_q_row(generated, step.token, step.q)  # before the draft is visible
-    if plan.cache:
+    if alts:  # the bets the target checks beside this draft in its pass
         shared.write_alts(len(seq), step.others())
     plan.sampler.noise.forget_before(len(committed) - n_prompt)
     if step.beside is not None:
@@ -57,8 +97,8 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
     the target's tokens and drafts on. Waits (blocking, no spinning) only when it is far enough
     ahead, at the token budget, after proposing EOS, or (adaptive) when no step is worth it.
     With the speculation cache it also drafts on branches that bet on the target's verdict
-    (engine/speccache.py). On a device shared with the target it drafts `lookahead` tokens per
-    turn and then hands the device over (SharedState's baton). Returns the number of passes."""
+    (engine/speccache.py). On a device shared with the target it drafts up to `lookahead` per
+    turn (Turns) and then hands the device over (the baton). Returns the number of passes."""
     draft.begin()
     n_prompt = len(req.prompt_ids)
     seq = list(req.prompt_ids)
@@ -69,10 +109,13 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
                    cache=req.spec_cache and model_draft and not shared.one_device,
                    # a lookup costs nothing: resting would only mean fewer drafts
                    adaptive=req.adaptive and model_draft and not shared.one_device)
+    turns = Turns(req.adaptive and model_draft and shared.one_device)
+    alts = req.tree and model_draft and (plan.cache or shared.one_device)
     passes = 0
 
     def idle() -> None:
         if shared.one_device:  # the target's turn: verify what this turn drafted
+            turns.hand_over()
             shared.pass_turn("target")
             shared.wait_turn("draft", stop=lambda: shared.run_done)
         else:
@@ -84,6 +127,7 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
         committed, done = shared.read_committed(req.prompt_ids)
         if done:
             return passes
+        turns.back(committed)
         plan.observe(seq, committed)
         seq = plan.settle(seq, committed)
         seq = _adopt_committed(req, seq, committed, shared, emit)
@@ -92,6 +136,8 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
                           or generated >= req.max_new_tokens
                           or (generated and seq[-1] in req.eos_ids))
         action = plan.choose(seq, committed, can_extend)
+        if action is EXTEND and not turns.worth_another():
+            action = None  # one device: this turn's drafts are worth verifying now
         if action is None:
             idle()
             continue
@@ -99,8 +145,9 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
         if action is not EXTEND:
             plan.grow(action)
             continue
-        longer = _extend(req, plan, seq, committed, first=passes == 1)
+        longer = _extend(req, plan, seq, committed, first=passes == 1, alts=alts)
         if longer is None:  # nothing to propose until the target commits more
             idle()
             continue
+        turns.drafted(len(seq), plan.info[len(seq) - n_prompt])
         seq = longer

@@ -465,8 +465,10 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
             # rollback ends the drafts there
             q_rows = shared.read_q_rows(c.n_new, drafts)
             drafts = drafts[:len(q_rows)]
+        # the cache's branches and the draft's other likely tokens (on one device, only these:
+        # sync's bets, as the turns are sync's schedule)
         paths = (shared.read_tree_paths(c.seq, n_prompt, drafts, TREE_TOKENS - len(drafts) - 1)
-                 if req.tree and cache_lookup else [])
+                 if req.tree and (cache_lookup or shared.one_device) else [])
         before = c.n_new
         accepted = verify(req, c, target, device, drafts, emit, sampler, q_rows, cached=cached,
                           paths=paths)
