@@ -118,7 +118,8 @@ def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> N
     g.add_argument("--adaptive", choices=on_off, default="on",
                    help="sync and amusd: draft only as far as the draft's own confidence makes "
                         "a token worth its step (the lookahead stays the most); amusd's draft "
-                        "rests when no step is worth it (default: on)")
+                        "rests when no step is worth it, and on one shared device ends its "
+                        "turn as sync would (default: on)")
     g.add_argument("--spec-cache", choices=on_off, default="on",
                    help="amusd: while the target verifies, also draft on branches that bet on "
                         "its likeliest corrections, so that a hit hands it drafts at once, and "
