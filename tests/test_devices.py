@@ -175,22 +175,33 @@ def test_non_finite_logits_fail_the_pass_with_a_clear_error(runner, monkeypatch)
         runner.forward([5, 6, 7], 1)
 
 
-def test_warm_up_runs_every_shape_a_run_uses(runner, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_warm_up_runs_every_shape_a_run_uses(runner, monkeypatch, device):
+    """On a GPU every pass size up to loops.TREE_TOKENS (each loads kernels of its own the first
+    time); the passes run on this CPU, the runner only says it is on `device`."""
+    from amusd_viz.engine.loops import TREE_TOKENS
     from amusd_viz.engine.worker import warm_up
 
     calls = []
     forward = runner.forward
 
-    def spy(seq, n_logits=1):
+    def spy(seq, n_logits=1, paths=()):
         before = len(runner.ids)
-        out = forward(seq, n_logits)
-        calls.append((len(seq) - min(before, len(seq) - n_logits), n_logits))
+        monkeypatch.setattr(runner, "device", "cpu")
+        out = forward(seq, n_logits, paths=paths)
+        monkeypatch.setattr(runner, "device", device)
+        calls.append((len(seq) - min(before, len(seq) - n_logits), n_logits, len(paths)))
         return out
 
     monkeypatch.setattr(runner, "forward", spy)
+    monkeypatch.setattr(runner, "device", device)
     warm_up(runner)
-    fed = [n for n, _ in calls]
-    logits = [n for _, n in calls]
+    fed = [n for n, _, _ in calls]
+    logits = {n for _, n, paths in calls if not paths}
     assert fed[0] >= 16 and 1 in fed  # a prefill and a one-token decode
-    assert {1, 4, 9} <= set(logits)  # verify passes of lookahead 3 and 8
+    if device == "cpu":
+        assert {1, 4, 9} <= logits  # verify passes of lookahead 3 and 8
+    else:
+        assert set(range(1, TREE_TOKENS + 1)) <= logits
+    assert any(paths for _, _, paths in calls)  # a tree pass, bets beside the drafts
     assert runner.ids == []  # and the cache is left empty

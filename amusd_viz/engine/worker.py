@@ -85,16 +85,22 @@ def load_kwargs(dtype_name: str, device: str) -> dict:
 
 
 def warm_up(runner) -> None:
-    """The first passes page the weights in and pick the kernels (on a GPU, per shape): that is
-    loading work, and left in it would land in the first run's timings. So run every shape a
-    run uses: a prefill, a one-token decode, verify passes of 4 and 9 tokens (lookahead 3 and
-    8), and the top-k of their logits."""
+    """The first passes page the weights in and pick the kernels: that is loading work, and
+    left in it would land in the first run's timings. So run the shapes a run uses: a prefill,
+    a one-token decode, verify passes of 4 and 9 tokens (lookahead 3 and 8), a tree pass (the
+    bets beside the drafts), and the top-k of their logits. On a GPU each new pass size loads
+    kernels of its own the first time (0.4-1.2 s each on an H100: docs/benchmarks.md, "GPU
+    check"), so there every size up to loops.TREE_TOKENS."""
+    from amusd_viz.engine.loops import TREE_TOKENS
+
+    on_gpu = str(runner.device).startswith("cuda")
     warm = list(range(WARM_UP_TOKENS))
     runner.forward(warm, 1)  # prefill
-    for extra, n_logits in ((1, 1), (1, 4), (1, 9)):  # decode, then k+1-token passes
-        warm = [*warm, WARM_UP_TOKENS + extra]
+    for n_logits in range(1, TREE_TOKENS + 1) if on_gpu else (1, 4, 9):
+        warm = [*warm, len(warm)]
         logits, *_ = runner.forward(warm, n_logits)
         runner.tops(logits)
+    runner.forward(warm, 3, paths=[(len(warm) - 2, [5, 6])])  # a tree pass
     runner.reset()
 
 
