@@ -173,6 +173,9 @@ def test_non_finite_logits_fail_the_pass_with_a_clear_error(runner, monkeypatch)
     runner.begin()
     with pytest.raises(NonFiniteLogits, match="--dtype bfloat16 or --dtype float32"):
         runner.forward([5, 6, 7], 1)
+    # the pass filled the cache: the runner says so, or its next passes would attend to
+    # keys it does not know it holds (a tree pass's mask then no longer fits)
+    assert runner.cache.get_seq_length() == len(runner.ids) == 3
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])

@@ -123,12 +123,12 @@ class Runner:
         if extra:
             assert self.cache is not None
             self.cache.crop(-len(extra))  # the paths' keys and values: the line goes on alone
+        self.ids.extend(feed)  # before any raise: ids must always say what the cache holds
         if not bool(torch.isfinite(logits).all()):
             raise NonFiniteLogits(
                 f"the model's logits are not finite (NaN or inf) in {self.model.dtype} on "
                 f"{self.device}: it overflows in this dtype (float16 does in Qwen2-family "
                 "models). Use --dtype bfloat16 or --dtype float32.")
-        self.ids.extend(feed)
         return logits, len(feed), start, end
 
     def _tree_inputs(self, keep: int, n: int, paths: Sequence[tuple[int, list[int]]]) -> dict:

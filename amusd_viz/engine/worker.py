@@ -95,6 +95,7 @@ def warm_up(runner) -> None:
 
     on_gpu = str(runner.device).startswith("cuda")
     warm = list(range(WARM_UP_TOKENS))
+    runner.reset()
     runner.forward(warm, 1)  # prefill
     for n_logits in range(1, TREE_TOKENS + 1) if on_gpu else (1, 4, 9):
         warm = [*warm, len(warm)]
