@@ -7,6 +7,7 @@ import time
 
 from amusd_viz.engine.loops import DraftBudget, Emit, Request, Step, _secs, draft_step, sampler_for
 from amusd_viz.engine.runner import Runner
+from amusd_viz.engine.seq import common_prefix
 from amusd_viz.engine.speccache import EXTEND, Planner
 from amusd_viz.events import Rollback
 
@@ -58,11 +59,7 @@ class Turns:
         """The turn came back with the target's verdict on this turn's drafts in `committed`."""
         if self.handed_at is None:
             return
-        accepted = 0
-        for i, step in enumerate(self.drafts):
-            if self.start + i >= len(committed) or committed[self.start + i] != step.token:
-                break
-            accepted += 1
+        accepted = common_prefix(committed[self.start:], [d.token for d in self.drafts])
         confs = [d.conf for d in self.drafts]
         self.budget.observe_verify(time.perf_counter() - self.handed_at, confs, accepted)
         self.drafts, self.handed_at = [], None
