@@ -52,6 +52,8 @@ VARIANTS: dict[str, dict] = {
     "amusd-notree": {"tree": False},
     "sync-notree": {"tree": False},
     "amusd-1dev-plain": {"adaptive": False, "tree": False},
+    "sync-noguess": {"draft_lookup": False},
+    "amusd-noguess": {"draft_lookup": False},
 }
 for _name in VARIANTS:
     KNOWN[_name] = KNOWN[_name.rsplit("-", 1)[0]]
@@ -77,6 +79,10 @@ DESCRIPTIONS = {
                    "them (tree passes off)",
     "amusd-1dev-plain": "amusd on one device drafting the whole lookahead every turn, with no "
                         "bets beside its drafts (adaptive and tree passes off)",
+    "sync-noguess": "sync drafting one token per draft pass, without lookup guesses "
+                    "(--draft-lookup off)",
+    "amusd-noguess": "amusd drafting one token per draft pass, without lookup guesses "
+                     "(--draft-lookup off)",
 }
 
 
@@ -146,6 +152,8 @@ class Result:
     cache_misses: int = 0
     tree_hits: int = 0  # amusd: verdicts that went on along a branch in their own pass
     tree_tokens: int = 0  # the tokens committed past the bet that way
+    guessed_drafts: int = 0  # drafts made in the pass before theirs (lookup guesses)
+    draft_passes: int = 0  # the draft model's passes after its prefill
     target_pass_ms: float | None = None  # median target pass after the prefill
     draft_step_ms: float | None = None  # median draft model step
     best_ms_per_token: float | None = None  # the strategy with no waste (amusd_viz/bound.py)
@@ -274,6 +282,8 @@ def summarize(results: list[Result], names: list[str]) -> dict:
                 if verdicts else None,
                 "tree_hits": sum(r.tree_hits for r in mine),
                 "tree_tokens": sum(r.tree_tokens for r in mine),
+                "guessed_drafts": sum(r.guessed_drafts for r in mine),
+                "draft_passes": sum(r.draft_passes for r in mine),
                 **{what: round(median(v), 1) if v else None for what, v in times.items()},
                 # the same pass times and acceptance with no waste (amusd_viz/bound.py)
                 "best_ms_per_token": round(median(best), 2) if best else None,
@@ -357,6 +367,7 @@ def _result(name: str, prompt: Prompt, repeat: int, gen, events, started: RunSta
         target_passes=s.target_passes, solo_passes=s.solo_passes,
         drafts_per_verify=s.mean_drafts_per_verify, cache_hits=s.cache_hits,
         cache_misses=s.cache_misses, tree_hits=s.tree_hits, tree_tokens=s.tree_tokens,
+        guessed_drafts=s.guessed_drafts, draft_passes=s.draft_passes,
         target_pass_ms=_ms(s.target_pass_s),
         draft_step_ms=_ms(s.draft_step_s),
         best_ms_per_token=None if s.best_ms_per_token is None else round(s.best_ms_per_token, 2))

@@ -125,6 +125,11 @@ def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> N
                         "its likeliest corrections, so that a hit hands it drafts at once, and "
                         "let the target check those bets in the pass that decides them "
                         "(default: on)")
+    g.add_argument("--draft-lookup", choices=on_off, default="on",
+                   help="sync and amusd: where the text repeats an earlier stretch of it, guess "
+                        "that the draft goes on the same way and let the draft check up to 4 "
+                        "guesses in the pass that drafts its next token, so one draft pass can "
+                        "draft several tokens (the draft still picks every token; default: on)")
     max_new = DEFAULT_BENCH_MAX_NEW if bench else DEFAULT_MAX_NEW
     g.add_argument("--max-new-tokens", type=positive_int, default=max_new, metavar="N",
                    help=f"stop after N generated tokens, or at end of sequence (default: "
@@ -380,7 +385,7 @@ def _model_settings(args) -> dict:
             "max_new_tokens": args.max_new_tokens, "stall_timeout": args.stall_timeout,
             "target_device_option": args.target_device, "draft_device_option": args.draft_device,
             "draft_quant_option": args.draft_quant, "adaptive": args.adaptive == "on",
-            "spec_cache": args.spec_cache == "on"}
+            "spec_cache": args.spec_cache == "on", "draft_lookup": args.draft_lookup == "on"}
 
 
 def build_run_config(args) -> RunConfig:

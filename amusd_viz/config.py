@@ -105,6 +105,7 @@ class RunConfig(BaseModel):
     spec_cache: bool = True  # --spec-cache: amusd's speculation cache
     siblings: bool = True  # amusd's cache: a runner-up bet beside every main-line draft (bench)
     tree: bool = True  # sync, amusd: bets checked in the drafts' own target pass (bench)
+    draft_lookup: bool = True  # --draft-lookup: lookup guesses checked in the draft's pass
     # Sampling (docs/protocol.md, "Sampling"); temperature 0 is greedy.
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -108,6 +108,9 @@ class DraftProposed(_Event):
     # amusd's speculation cache: drafted ahead on a branch, handed over at once on a hit
     cached: bool = False
     branch_root: int | None = None  # the position whose verdict that branch bet on
+    # a lookup guessed this token and the draft chose it in the pass that drafted the token
+    # before it (engine/guess.py): one pass, several drafts
+    guessed: bool = False
 
 
 class VerifyResult(_Event):

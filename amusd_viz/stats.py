@@ -52,6 +52,8 @@ class RunStats:
     branch_tokens: int = 0
     wasted_branch_tokens: int = 0
     draft_tokens: int = 0
+    guessed_drafts: int = 0  # drafts a pass drafted after a lookup guess held (engine/guess.py)
+    draft_passes: int = 0  # the draft model's passes after its prefill (main line and branches)
     # median forward times: the target's passes after the prefill, the draft model's steps
     target_pass_s: float | None = None
     draft_step_s: float | None = None
@@ -127,6 +129,7 @@ class _Tally:
                 self.first_prefill = e.t
         elif kind == "draft_proposed":
             s.draft_tokens += 1
+            s.guessed_drafts += bool(getattr(e, "guessed", False))
         elif kind == "verify_result":
             self.add_verify(e)
         elif kind == "branch_step":
@@ -211,6 +214,7 @@ class _Tally:
         s = self.s
         times = {role: statistics.median(v) if v else None for role, v in self.pass_times.items()}
         s.target_pass_s, s.draft_step_s = times["target"], times["draft"]
+        s.draft_passes = len(self.pass_times["draft"])
         # tokens a bet won per rejected draft: the tree passes' share of the model
         bets = s.tree_tokens / self.rejections if self.rejections else 0.0
         best = best_for(s.strategy, self.separate_devices, s.acceptance_per_check,
@@ -242,6 +246,11 @@ def compute(events) -> RunStats:
     return tally.finish()
 
 
+def _guessed(s: RunStats) -> str:
+    return (f" ({s.guessed_drafts} after a lookup guess: no pass of their own)"
+            if s.guessed_drafts else "")
+
+
 def format_stats(s: RunStats) -> str:
     """A human-readable block for `amusd-viz stats`."""
 
@@ -267,7 +276,7 @@ def format_stats(s: RunStats) -> str:
                                                enumerate(s.acceptance_by_position)) or "-"),
         "accepted per pass      " + (" ".join(f"{k}:{v}" for k, v in s.accepted_histogram.items())
                                      or "-"),
-        f"draft tokens           {s.draft_tokens}",
+        f"draft tokens           {s.draft_tokens}{_guessed(s)}",
         f"rollbacks              {s.rollbacks}",
         f"wasted draft tokens    {s.wasted_draft_tokens}",
         f"target passes          {s.target_passes} ({s.solo_passes} solo, without drafts)",

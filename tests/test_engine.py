@@ -139,6 +139,25 @@ def test_sync_checks_the_drafts_other_likely_tokens_in_the_same_pass(engines):
     assert passes[0] < passes[1], passes
 
 
+def test_lookup_guesses_draft_several_tokens_in_one_pass(engines):
+    """Where the text repeats itself (greedy tiny models fall into loops), a draft pass also
+    checks lookup guesses (engine/guess.py): proposals marked guessed, drafted in a pass of
+    several tokens, and still the target's own tokens; with the lookup off, no guesses."""
+    prompt = list(range(20, 40)) * 2
+    reference, _ = run(engines, "ar", prompt, 40)
+    for strategy in ("sync", "amusd"):
+        gen, events = run(engines, strategy, prompt, 40, draft="draft_near")
+        assert gen.token_ids == reference.token_ids, strategy
+        check_invariants(gen, events)
+        assert any(e.type == "draft_proposed" and e.guessed for e in events), strategy
+        assert any(e.type == "forward" and e.role == "draft" and e.phase == "draft"
+                   and e.n_tokens > 1 for e in events), strategy
+        plain, plain_events = run(engines, strategy, prompt, 40, draft="draft_near",
+                                  lookup=False)
+        assert plain.token_ids == reference.token_ids, strategy
+        assert not any(e.type == "draft_proposed" and e.guessed for e in plain_events)
+
+
 def test_lookahead_one(engines):
     prompt = [30, 31]
     reference, _ = run(engines, "ar", prompt, 25)

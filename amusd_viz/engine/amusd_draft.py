@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 
-from amusd_viz.engine.loops import DraftBudget, Emit, Request, Step, _secs, draft_step, sampler_for
+from amusd_viz.engine.guess import Guesser
+from amusd_viz.engine.loops import DraftBudget, Emit, Request, Step, _secs, draft_steps, sampler_for
 from amusd_viz.engine.runner import Runner
 from amusd_viz.engine.seq import common_prefix
 from amusd_viz.engine.speccache import EXTEND, Planner
@@ -52,8 +53,15 @@ class Turns:
         self.drafts.append(step)
         self.budget.observe_draft(step.secs)
 
-    def hand_over(self) -> None:
-        self.handed_at = time.perf_counter()
+    def idle(self, shared) -> None:
+        """Nothing worth drafting now: on one device, hand it to the target to verify what
+        this turn drafted and wait for the turn to come back; on two, wait for news."""
+        if shared.one_device:
+            self.handed_at = time.perf_counter()
+            shared.pass_turn("target")
+            shared.wait_turn("draft", stop=lambda: shared.run_done)
+        else:
+            shared.wait_wakeup(0.5)
 
     def back(self, committed: list[int]) -> None:
         """The turn came back with the target's verdict on this turn's drafts in `committed`."""
@@ -66,25 +74,30 @@ class Turns:
 
 
 def _extend(req: Request, plan: Planner, seq: list[int], committed: list[int],
-            first: bool, alts: bool) -> list[int] | None:
-    """One main-line draft step (with a sibling bet beside it where one is worth a slot):
-    the longer line, published; None when the drafter has nothing to propose."""
+            first: bool, alts: bool, guesser: Guesser, max_ahead: int) -> list[int] | None:
+    """One main-line draft pass (with a sibling bet beside it where one is worth a slot, and
+    lookup guesses after it where the text repeats itself): the longer line, published; None
+    when the drafter has nothing to propose."""
     n_prompt, shared = len(req.prompt_ids), plan.shared
-    step = draft_step(req, plan.draft, seq, plan.sampler, plan.device, plan.emit, first=first,
-                      sibling=plan.sibling_for(seq, committed))
-    if step is None:
-        return None
     generated = len(seq) - n_prompt
-    plan.info[generated] = step
-    if step.q is not None:
-        shared.write_q_row(generated, step.token, step.q)  # before the draft is visible
-    if alts:  # the bets the target checks beside this draft in its pass
-        shared.write_alts(len(seq), step.others())
+    room = min(max_ahead - (len(seq) - len(committed)), req.max_new_tokens - generated) - 1
+    guesses = guesser.guesses(seq, room)
+    steps = draft_steps(req, plan.draft, seq, plan.sampler, plan.device, plan.emit, first=first,
+                        sibling=plan.sibling_for(seq, committed), guesses=guesses)
+    if not steps:
+        return None
+    guesser.observe(guesses, [step.token for step in steps])
+    for i, step in enumerate(steps):
+        plan.info[generated + i] = step
+        if step.q is not None:
+            shared.write_q_row(generated + i, step.token, step.q)  # before the draft is visible
+        if alts:  # the bets the target checks beside this draft in its pass
+            shared.write_alts(len(seq) + i, step.others())
     plan.sampler.noise.forget_before(len(committed) - n_prompt)
-    if step.beside is not None:
-        plan.add_sibling(seq, committed, step.beside)
-    seq = [*seq, step.token]
-    shared.publish_drafts(seq, n_prompt, step_s=step.secs)
+    if steps[0].beside is not None:
+        plan.add_sibling(seq, committed, steps[0].beside)
+    seq = [*seq, *(step.token for step in steps)]
+    shared.publish_drafts(seq, n_prompt, step_s=steps[0].secs)
     return seq
 
 
@@ -94,8 +107,9 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
     the target's tokens and drafts on. Waits (blocking, no spinning) only when it is far enough
     ahead, at the token budget, after proposing EOS, or (adaptive) when no step is worth it.
     With the speculation cache it also drafts on branches that bet on the target's verdict
-    (engine/speccache.py). On a device shared with the target it drafts up to `lookahead` per
-    turn (Turns) and then hands the device over (the baton). Returns the number of passes."""
+    (engine/speccache.py), and lookup guesses in its main-line passes (engine/guess.py). On a
+    device shared with the target it drafts up to `lookahead` per turn (Turns) and then hands
+    the device over (the baton). Returns the number of passes."""
     draft.begin()
     n_prompt = len(req.prompt_ids)
     seq = list(req.prompt_ids)
@@ -108,15 +122,8 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
                    adaptive=req.adaptive and model_draft and not shared.one_device)
     turns = Turns(req.adaptive and model_draft and shared.one_device)
     alts = req.tree and model_draft and (plan.cache or shared.one_device)
+    guesser = Guesser(req.lookup and model_draft)
     passes = 0
-
-    def idle() -> None:
-        if shared.one_device:  # the target's turn: verify what this turn drafted
-            turns.hand_over()
-            shared.pass_turn("target")
-            shared.wait_turn("draft", stop=lambda: shared.run_done)
-        else:
-            shared.wait_wakeup(0.5)
 
     shared.wait_turn("draft", stop=lambda: shared.run_done)  # one device: after the prefill
     while True:
@@ -136,15 +143,16 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
         if action is EXTEND and not turns.worth_another():
             action = None  # one device: this turn's drafts are worth verifying now
         if action is None:
-            idle()
+            turns.idle(shared)
             continue
         passes += 1
         if action is not EXTEND:
             plan.grow(action)
             continue
-        longer = _extend(req, plan, seq, committed, first=passes == 1, alts=alts)
+        longer = _extend(req, plan, seq, committed, passes == 1, alts, guesser, max_ahead)
         if longer is None:  # nothing to propose until the target commits more
-            idle()
+            turns.idle(shared)
             continue
-        turns.drafted(len(seq), plan.info[len(seq) - n_prompt])
+        for at in range(len(seq), len(longer)):
+            turns.drafted(at, plan.info[at - n_prompt])
         seq = longer

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from amusd_viz.engine.guess import Guesser
 from amusd_viz.engine.runner import Runner
 from amusd_viz.engine.sampling import GREEDY, Sampler, SamplingParams, Verdict
 from amusd_viz.engine.tree import bare_bets, within
@@ -54,6 +55,9 @@ class Request:
     # tree passes: the target checks the draft's other likely tokens (amusd with the cache: and
     # its branches) in the pass that checks its drafts (engine/tree.py)
     tree: bool = True
+    # sync and amusd: a lookup guesses the draft's next tokens and the draft checks the guesses
+    # in its own pass (engine/guess.py)
+    lookup: bool = False
 
 
 @dataclass
@@ -205,14 +209,15 @@ def choose(draft: Runner, sampler: Sampler, logits_row, pos: int):
 
 
 def proposal_event(req: Request, draft: Runner, step: Step, pos: int, end_ns: int,
-                   branch_root: int | None = None) -> DraftProposed:
+                   branch_root: int | None = None, guessed: bool = False) -> DraftProposed:
     match = getattr(draft, "last", None)  # the n-gram drafter: where it copied from
     return DraftProposed(t=_secs(req, end_ns), pos=pos, token_id=step.token,
                          text=draft.text(step.token), top=step.top,
                          q=round(step.conf, 6),
                          ngram_n=match.n if match else None,
                          ngram_from=match.end if match else None,
-                         cached=branch_root is not None, branch_root=branch_root)
+                         cached=branch_root is not None, branch_root=branch_root,
+                         guessed=guessed)
 
 
 @dataclass
@@ -241,24 +246,41 @@ def draft_step(req: Request, draft: Runner, seq: list[int], sampler: Sampler, de
                emit: Emit, first: bool, phase: str | None = None,
                sibling: int | None = None) -> Step | None:
     """One draft step on `seq` (a model pass, or a lookup), or None when the drafter has
-    nothing to propose (the n-gram drafter found no match). Emits the pass and, unless it is a
-    branch step (`phase` "branch": the caller reports it), the proposal. With `sibling` (a token
-    in place of seq's last, engine/speccache.py), the same pass also drafts after it: that
-    proposal is the step's `beside`."""
-    logits, fed, start, end = (draft.forward(seq, 1) if sibling is None
-                               else draft.forward(seq, 1, sibling=sibling))
+    nothing to propose (the n-gram drafter found no match). See `draft_steps`."""
+    steps = draft_steps(req, draft, seq, sampler, device, emit, first, phase, sibling)
+    return steps[0] if steps else None
+
+
+def draft_steps(req: Request, draft: Runner, seq: list[int], sampler: Sampler, device: str,
+                emit: Emit, first: bool, phase: str | None = None, sibling: int | None = None,
+                guesses: list[int] | tuple = ()) -> list[Step]:
+    """One draft pass on `seq`: its proposals (none when the n-gram drafter found no match).
+    Emits the pass and, unless it is a branch step (`phase` "branch": the caller reports it),
+    the proposals. With `guesses` (engine/guess.py) the pass also feeds them after seq: while
+    the draft's choice equals the guess, the next row is its own next step, so the pass drafts
+    one token more per guess held. With `sibling` (a token in place of seq's last,
+    engine/speccache.py), the same pass also drafts after it: the first step's `beside`."""
+    line = [*seq, *guesses]
+    paths = [(len(seq) - 1, [sibling])] if sibling is not None else []
+    logits, fed, start, end = (draft.forward(line, len(guesses) + 1, paths=paths) if paths
+                               else draft.forward(line, len(guesses) + 1))
     phase = phase or draft.phase_name or ("prefill" if first else "draft")
     emit(_forward_event(req, "draft", device, phase, fed, start, end))
     if logits is None:
-        return None
+        return []
     pos = len(seq) - len(req.prompt_ids)
     secs = (end - start) / 1e9 if fed == 1 else None
-    step = _step(draft, sampler, logits[0], pos, secs, end)
+    steps = [_step(draft, sampler, logits[0], pos, secs, end)]
+    for i, guess in enumerate(guesses):
+        if steps[-1].token != guess or guess in req.eos_ids:
+            break
+        steps.append(_step(draft, sampler, logits[i + 1], pos + i + 1, None, end))
     if sibling is not None:
-        step.beside = _step(draft, sampler, logits[1], pos, secs, end)
+        steps[0].beside = _step(draft, sampler, logits[len(guesses) + 1], pos, secs, end)
     if phase != "branch":
-        emit(proposal_event(req, draft, step, pos, end))
-    return step
+        for i, step in enumerate(steps):
+            emit(proposal_event(req, draft, step, pos + i, end, guessed=i > 0))
+    return steps
 
 
 def _step(draft: Runner, sampler: Sampler, row, pos: int, secs: float | None,
@@ -356,26 +378,32 @@ def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Em
     first_token(req, c, target, device, emit, sampler)
     first = True
     budget = DraftBudget()
+    guesser = Guesser(req.lookup and draft.model is not None)
     while not c.done:
         drafts: list[int] = []
         q_rows: list = []
         confs: list[float] = []
         others: list[list[int]] = []
         stopped = None
-        for _ in range(min(req.lookahead, c.remaining - 1)):
+        limit = min(req.lookahead, c.remaining - 1)
+        while len(drafts) < limit:
             if req.adaptive and not budget.one_more(confs):
                 stopped = "confidence"
                 break
-            step = draft_step(req, draft, c.seq + drafts, sampler, device, emit, first)
+            line = c.seq + drafts
+            guesses = guesser.guesses(line, limit - len(drafts) - 1)
+            steps = draft_steps(req, draft, line, sampler, device, emit, first, guesses=guesses)
             first = False
-            if step is None:
+            if not steps:
                 break
-            budget.observe_draft(step.secs)
-            drafts.append(step.token)
-            q_rows.append(step.q)
-            confs.append(step.conf)
-            others.append(step.others())
-            if step.token in req.eos_ids:
+            guesser.observe(guesses, [step.token for step in steps])
+            for step in steps:
+                budget.observe_draft(step.secs)
+                drafts.append(step.token)
+                q_rows.append(step.q)
+                confs.append(step.conf)
+                others.append(step.others())
+            if drafts[-1] in req.eos_ids:
                 break
         start_pos = c.n_new
         started = time.perf_counter()

@@ -30,15 +30,21 @@ class Match:
     end: int
 
 
-def find_match(seq: list[int], max_n: int) -> Match | None:
-    """The latest earlier occurrence of seq's last n tokens, the longest n first."""
-    for n in range(min(max_n, len(seq) - 1), 0, -1):
-        tail = seq[-n:]
-        # scan right to left; the occurrence must end before the text does (something follows)
-        for end in range(len(seq) - 1, n - 1, -1):
-            if seq[end - n:end] == tail:
-                return Match(n, end)
-    return None
+def find_match(seq: list[int], max_n: int, min_n: int = 1) -> Match | None:
+    """The latest earlier occurrence of seq's last n tokens, the longest n (up to max_n, at
+    least min_n) first. One pass over seq, right to left."""
+    last, cap = len(seq), min(max_n, len(seq) - 1)
+    best: Match | None = None
+    # the occurrence must end before the text does (something follows it)
+    for end in range(last - 1, 0, -1):
+        n = 0
+        while n < cap and n < end and seq[end - 1 - n] == seq[last - 1 - n]:
+            n += 1
+        if n >= max(min_n, 1) and (best is None or n > best.n):
+            best = Match(n, end)
+            if n == cap:
+                break
+    return best
 
 
 class NgramDrafter:

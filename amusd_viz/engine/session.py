@@ -51,6 +51,7 @@ class EngineConfig:
     spec_cache: bool = True  # amusd: the speculation cache (engine/speccache.py)
     siblings: bool = True  # amusd's cache: bets fed beside the main line's drafts
     tree: bool = True  # amusd's cache: branches checked in the main line's target pass
+    lookup: bool = True  # sync, amusd: lookup guesses checked in the draft's pass (guess.py)
     draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
     preamble: tuple[int, ...] = ()  # the prompt head every run shares: cached at load time
     faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
@@ -219,7 +220,7 @@ class Engine:
         req = Request(list(prompt_ids), max_new_tokens, lookahead, eos_ids, self.t0_ns, max_ahead,
                       self.cfg.wait_steps, sampling, self.vocab, adaptive=self.cfg.adaptive,
                       spec_cache=self.cfg.spec_cache, siblings=self.cfg.siblings,
-                      tree=self.cfg.tree)
+                      tree=self.cfg.tree, lookup=self.cfg.lookup)
         live = [w for w in self.workers.values() if not w.lost]
         for w in live:
             w.requests.put(RunRequest(run_id, req))

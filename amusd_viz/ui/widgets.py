@@ -274,7 +274,12 @@ class Inspector(Static):
 
 
 def lookup_source(state: RunState, proposal) -> Text | None:
-    """The n-gram drafter: where in the prompt or the text the proposed token was copied from."""
+    """The n-gram drafter: where in the prompt or the text the proposed token was copied from;
+    a model draft: whether a lookup guess let the draft choose it in an earlier token's pass."""
+    if proposal is not None and getattr(proposal, "guessed", False):
+        return Text("\nlookup guess: the text had gone on this way before, so the draft's pass "
+                    "for the token before also fed this one; the draft chose it there (one "
+                    "pass, two drafts)", "magenta")
     if proposal is None or getattr(proposal, "ngram_from", None) is None:
         return None
     at, n = proposal.ngram_from, proposal.ngram_n
