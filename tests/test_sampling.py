@@ -44,8 +44,9 @@ from amusd_viz.engine.session import Engine, EngineConfig
 from amusd_viz.events import EventList
 
 # A tiny target is as fast as its tiny draft, so in amusd it would decode alone and no rule would
-# be exercised; this much extra time per target pass lets the draft get ahead, as a real one does.
-SLOW_TARGET_S = 0.003
+# be exercised; this much extra time per target pass lets the draft get ahead, as a real one does
+# (3 ms was not always enough: CI once saw amusd verify no draft in 10 tokens at lookahead 1).
+SLOW_TARGET_S = 0.01
 
 
 # the processed distribution ---------------------------------------------------------------------
