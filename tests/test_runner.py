@@ -50,7 +50,7 @@ def assert_holds_only(runner, model, seq):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("cached", [0, 3, 6])  # tokens already in the cache: 0, some, all but one
 def test_a_sibling_gets_its_own_logits_in_the_same_pass_and_leaves_no_trace(model, attn, cached):
-    """forward(seq, sibling=s) returns seq's next-token logits and, as one more row, those of
+    """forward(seq, paths=[(len(seq) - 1, [s])]) (a sibling) returns seq's next-token logits and, as one more row, those of
     seq[:-1] + [s]: each equal to a pass of its own; the cache then holds seq only (the next
     pass matches a fresh runner's)."""
     model.config._attn_implementation = attn
@@ -59,7 +59,7 @@ def test_a_sibling_gets_its_own_logits_in_the_same_pass_and_leaves_no_trace(mode
         runner = Runner(model, "cpu")
         if cached:
             runner.forward(seq[:cached], 1)
-        logits, fed, _, _ = runner.forward(seq, 1, sibling=sibling)
+        logits, fed, _, _ = runner.forward(seq, 1, paths=[(len(seq) - 1, [sibling])])
         assert fed == len(seq) - cached and logits.shape[0] == 2
         alone, _, _, _ = Runner(model, "cpu").forward(seq, 1)
         beside, _, _, _ = Runner(model, "cpu").forward([*seq[:-1], sibling], 1)

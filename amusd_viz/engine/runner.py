@@ -85,7 +85,7 @@ class Runner:
             del self.ids[keep:]
 
     @torch.inference_mode()
-    def forward(self, seq: list[int], n_logits: int = 1, sibling: int | None = None,
+    def forward(self, seq: list[int], n_logits: int = 1,
                 paths: Sequence[tuple[int, list[int]]] = ()) -> tuple[torch.Tensor, int, int, int]:
         """Returns (float32 logits [rows, vocab], tokens fed, start_ns, end_ns): the next-token
         logits of seq's last `n_logits` positions, then those of each path's tokens.
@@ -94,11 +94,9 @@ class Runner:
         stands in place of seq[anchor] (seeing only seq[:anchor], at that position), the others
         follow it. Paths go into the same pass under a tree attention mask and leave nothing in
         the cache. On a CPU a pass of a dozen tokens costs about what one does (the weights are
-        read once), so the amusd draft bets on its runner-up beside every draft (`sibling`:
-        the path (len(seq) - 1, [sibling])) and the target checks the draft's branches in the
-        pass that checks its main line (engine/speccache.py)."""
-        if sibling is not None:
-            paths = [(len(seq) - 1, [sibling])]
+        read once), so the amusd draft bets on its runner-up beside every draft (a sibling: the
+        path (index of the draft, [runner-up]), loops.draft_steps) and the target checks the
+        draft's branches in the pass that checks its main line (engine/speccache.py)."""
         if self.cache is None:
             self.reset()
         keep = min(common_prefix(self.ids, seq), len(seq) - n_logits)
