@@ -81,12 +81,10 @@ def _extend(req: Request, plan: Planner, seq: list[int], committed: list[int],
     n_prompt, shared = len(req.prompt_ids), plan.shared
     generated = len(seq) - n_prompt
     room = min(max_ahead - (len(seq) - len(committed)), req.max_new_tokens - generated) - 1
-    guesses = guesser.guesses(seq, room)
     steps = draft_steps(req, plan.draft, seq, plan.sampler, plan.device, plan.emit, first=first,
-                        sibling=plan.sibling_for(seq, committed), guesses=guesses)
+                        sibling=plan.sibling_for(seq, committed), guesser=guesser, room=room)
     if not steps:
         return None
-    guesser.observe(guesses, [step.token for step in steps])
     for i, step in enumerate(steps):
         plan.info[generated + i] = step
         if step.q is not None:

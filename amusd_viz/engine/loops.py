@@ -253,13 +253,15 @@ def draft_step(req: Request, draft: Runner, seq: list[int], sampler: Sampler, de
 
 def draft_steps(req: Request, draft: Runner, seq: list[int], sampler: Sampler, device: str,
                 emit: Emit, first: bool, phase: str | None = None, sibling: int | None = None,
-                guesses: list[int] | tuple = ()) -> list[Step]:
+                guesser: Guesser | None = None, room: int = 0) -> list[Step]:
     """One draft pass on `seq`: its proposals (none when the n-gram drafter found no match).
     Emits the pass and, unless it is a branch step (`phase` "branch": the caller reports it),
-    the proposals. With `guesses` (engine/guess.py) the pass also feeds them after seq: while
-    the draft's choice equals the guess, the next row is its own next step, so the pass drafts
-    one token more per guess held. With `sibling` (a token in place of seq's last,
-    engine/speccache.py), the same pass also drafts after it: the first step's `beside`."""
+    the proposals. With a `guesser` (engine/guess.py) the pass also feeds up to `room` lookup
+    guesses after seq: while the draft's choice equals the guess, the next row is its own next
+    step, so the pass drafts one token more per guess held; the guesser learns how many held.
+    With `sibling` (a token in place of seq's last, engine/speccache.py), the same pass also
+    drafts after it: the first step's `beside`."""
+    guesses = guesser.guesses(seq, room) if guesser is not None else []
     line = [*seq, *guesses]
     paths = [(len(seq) - 1, [sibling])] if sibling is not None else []
     logits, fed, start, end = (draft.forward(line, len(guesses) + 1, paths=paths) if paths
@@ -275,6 +277,8 @@ def draft_steps(req: Request, draft: Runner, seq: list[int], sampler: Sampler, d
         if steps[-1].token != guess or guess in req.eos_ids:
             break
         steps.append(_step(draft, sampler, logits[i + 1], pos + i + 1, None, end))
+    if guesser is not None:
+        guesser.observe(guesses, [step.token for step in steps])
     if sibling is not None:
         steps[0].beside = _step(draft, sampler, logits[len(guesses) + 1], pos, secs, end)
     if phase != "branch":
@@ -390,13 +394,11 @@ def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Em
             if req.adaptive and not budget.one_more(confs):
                 stopped = "confidence"
                 break
-            line = c.seq + drafts
-            guesses = guesser.guesses(line, limit - len(drafts) - 1)
-            steps = draft_steps(req, draft, line, sampler, device, emit, first, guesses=guesses)
+            steps = draft_steps(req, draft, c.seq + drafts, sampler, device, emit, first,
+                                guesser=guesser, room=limit - len(drafts) - 1)
             first = False
             if not steps:
                 break
-            guesser.observe(guesses, [step.token for step in steps])
             for step in steps:
                 budget.observe_draft(step.secs)
                 drafts.append(step.token)
