@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict] = {
     "amusd-1dev-plain": {"adaptive": False, "tree": False},
     "sync-noguess": {"draft_lookup": False},
     "amusd-noguess": {"draft_lookup": False},
+    "amusd-nolend": {"lend_core": False},
 }
 for _name in VARIANTS:
     KNOWN[_name] = KNOWN[_name.rsplit("-", 1)[0]]
@@ -83,6 +84,8 @@ DESCRIPTIONS = {
                     "(--draft-lookup off)",
     "amusd-noguess": "amusd drafting one token per draft pass, without lookup guesses "
                      "(--draft-lookup off)",
+    "amusd-nolend": "amusd on two CPU cores without lending the resting draft's core to the "
+                    "target (--lend-core off)",
 }
 
 
@@ -147,6 +150,7 @@ class Result:
     draft_lost: bool = False  # the draft worker died: the target finished alone
     target_passes: int = 0
     solo_passes: int = 0  # target passes without drafts
+    lent_passes: int = 0  # amusd on two CPU cores: target passes on the draft's lent core too
     drafts_per_verify: float | None = None
     cache_hits: int = 0
     cache_misses: int = 0
@@ -364,7 +368,7 @@ def _result(name: str, prompt: Prompt, repeat: int, gen, events, started: RunSta
         curve=[e.t - gen.start_t for e in commits],
         tops=[[{"id": c.id, "logit": c.logit} for c in e.top] for e in commits]
         if name == "ar" else [], draft_lost=gen.draft_lost,
-        target_passes=s.target_passes, solo_passes=s.solo_passes,
+        target_passes=s.target_passes, solo_passes=s.solo_passes, lent_passes=s.lent_passes,
         drafts_per_verify=s.mean_drafts_per_verify, cache_hits=s.cache_hits,
         cache_misses=s.cache_misses, tree_hits=s.tree_hits, tree_tokens=s.tree_tokens,
         guessed_drafts=s.guessed_drafts, draft_passes=s.draft_passes,

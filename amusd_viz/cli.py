@@ -130,6 +130,10 @@ def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> N
                         "that the draft goes on the same way and let the draft check up to 4 "
                         "guesses in the pass that drafts its next token, so one draft pass can "
                         "draft several tokens (the draft still picks every token; default: on)")
+    g.add_argument("--lend-core", choices=on_off, default="on",
+                   help="amusd on two CPU cores: when the draft has nothing worth drafting, it "
+                        "lends its core and the target runs its next pass on both cores "
+                        "(needs --adaptive on; default: on)")
     max_new = DEFAULT_BENCH_MAX_NEW if bench else DEFAULT_MAX_NEW
     g.add_argument("--max-new-tokens", type=positive_int, default=max_new, metavar="N",
                    help=f"stop after N generated tokens, or at end of sequence (default: "
@@ -385,7 +389,8 @@ def _model_settings(args) -> dict:
             "max_new_tokens": args.max_new_tokens, "stall_timeout": args.stall_timeout,
             "target_device_option": args.target_device, "draft_device_option": args.draft_device,
             "draft_quant_option": args.draft_quant, "adaptive": args.adaptive == "on",
-            "spec_cache": args.spec_cache == "on", "draft_lookup": args.draft_lookup == "on"}
+            "spec_cache": args.spec_cache == "on", "draft_lookup": args.draft_lookup == "on",
+            "lend_core": args.lend_core == "on"}
 
 
 def build_run_config(args) -> RunConfig:

@@ -106,6 +106,7 @@ class RunConfig(BaseModel):
     siblings: bool = True  # amusd's cache: a runner-up bet beside every main-line draft (bench)
     tree: bool = True  # sync, amusd: bets checked in the drafts' own target pass (bench)
     draft_lookup: bool = True  # --draft-lookup: lookup guesses checked in the draft's pass
+    lend_core: bool = True  # --lend-core: amusd on two CPU cores, the target borrows a resting draft's core
     # Sampling (docs/protocol.md, "Sampling"); temperature 0 is greedy.
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

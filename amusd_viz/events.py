@@ -84,7 +84,8 @@ class WorkerReady(_Event):
 
 
 class Forward(_Event):
-    """One forward pass; `t` is its start, `dur` its length."""
+    """One forward pass; `t` is its start, `dur` its length. `device` is where it ran: an amusd
+    target pass on the draft's borrowed core reads "cpu:0+cpu:1" (engine/lending.py)."""
 
     type: Literal["forward"] = "forward"
     role: Role
@@ -92,6 +93,15 @@ class Forward(_Event):
     dur: float
     phase: Phase
     n_tokens: int
+
+    @property
+    def home(self) -> str:
+        """The worker's own device (a lent pass also ran on the cores after it)."""
+        return self.device.split("+")[0]
+
+    @property
+    def lent(self) -> bool:
+        return "+" in self.device
 
 
 class DraftProposed(_Event):

@@ -36,6 +36,7 @@ class RunStats:
     wasted_draft_tokens: int = 0
     target_passes: int = 0  # after the prefill: verify passes and solo passes
     solo_passes: int = 0  # target passes with no draft to check (one token for a whole pass)
+    lent_passes: int = 0  # amusd on two CPU cores: target passes on the draft's core too (lending)
     mean_drafts_per_verify: float | None = None  # the lookahead actually used
     confidence_stops: int = 0  # sync, adaptive: passes whose drafting stopped on confidence
     # amusd's speculation cache (engine/speccache.py): at each rejection the draft saw, was a
@@ -122,7 +123,8 @@ class _Tally:
             self.lookahead = e.lookahead
             self.separate_devices = bool(e.draft_device) and e.draft_device != e.target_device
         elif kind == "forward":
-            self.spans.setdefault((e.role, e.device), []).append((e.t, e.t + e.dur))
+            self.spans.setdefault((e.role, e.home), []).append((e.t, e.t + e.dur))
+            s.lent_passes += e.lent
             if e.phase in ("verify", "decode", "draft", "branch"):  # model work, not a lookup
                 self.pass_times[e.role].append(e.dur)
             if e.phase == "prefill" and (self.first_prefill is None or e.t < self.first_prefill):
@@ -246,6 +248,10 @@ def compute(events) -> RunStats:
     return tally.finish()
 
 
+def _lent(s: RunStats) -> str:
+    return f"; {s.lent_passes} on the draft's lent core too" if s.lent_passes else ""
+
+
 def _guessed(s: RunStats) -> str:
     return (f" ({s.guessed_drafts} after a lookup guess: no pass of their own)"
             if s.guessed_drafts else "")
@@ -279,7 +285,7 @@ def format_stats(s: RunStats) -> str:
         f"draft tokens           {s.draft_tokens}{_guessed(s)}",
         f"rollbacks              {s.rollbacks}",
         f"wasted draft tokens    {s.wasted_draft_tokens}",
-        f"target passes          {s.target_passes} ({s.solo_passes} solo, without drafts)",
+        f"target passes          {s.target_passes} ({s.solo_passes} solo, without drafts{_lent(s)})",
         f"drafts / verify pass   {num(s.mean_drafts_per_verify)}",
         f"stopped on confidence  {s.confidence_stops} passes",
     ]

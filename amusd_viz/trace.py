@@ -54,10 +54,10 @@ def to_trace(events, window_s: float = 1.0) -> dict:
                         "ts": _us(e.t - e.load_s), "dur": _us(e.load_s),
                         "args": {"phase": "load", "pid": e.pid}})
         elif e.type == "forward":
-            tid = lane(e.role, e.device)
+            tid = lane(e.role, e.home)
             span = {"ph": "X", "pid": PID, "tid": tid, "name": f"{e.phase} ×{e.n_tokens}",
                     "cat": e.phase, "ts": _us(e.t), "dur": _us(e.dur),
-                    "args": {"phase": e.phase, "tokens": e.n_tokens}}
+                    "args": {"phase": e.phase, "tokens": e.n_tokens, "device": e.device}}
             out.append(span)
             if e.role == "target":
                 pending_verify[tid] = span

@@ -56,7 +56,8 @@ def run(engines, strategy, prompt, max_new, lookahead=4, draft="draft_far", eos=
 
 def check_invariants(gen, events):
     """docs/architecture.md, "Invariants": committed positions 0,1,2,… without gap or repeat, equal to the generated
-    ids; the forward spans of one device never overlap."""
+    ids; the forward spans of one device never overlap (a target pass on the draft's lent core,
+    device "cpu:0+cpu:1", occupies both cores)."""
     commits = [e for e in events if e.type == "token_committed"]
     assert [e.pos for e in commits] == list(range(len(commits)))
     assert [e.token_id for e in commits] == gen.token_ids
@@ -64,7 +65,8 @@ def check_invariants(gen, events):
     for e in events:
         if e.type == "forward":
             assert e.dur >= 0
-            spans.setdefault(e.device, []).append((e.t, e.t + e.dur))
+            for device in e.device.split("+"):
+                spans.setdefault(device, []).append((e.t, e.t + e.dur))
     for device, intervals in spans.items():
         intervals.sort()
         for (_, end), (start, _) in zip(intervals, intervals[1:]):
@@ -156,6 +158,34 @@ def test_lookup_guesses_draft_several_tokens_in_one_pass(engines):
                                   lookup=False)
         assert plain.token_ids == reference.token_ids, strategy
         assert not any(e.type == "draft_proposed" and e.guessed for e in plain_events)
+
+
+def test_a_resting_draft_lends_its_core_to_the_target(engines, tiny_models):
+    """amusd with a core per worker (engine/lending.py): where the draft has nothing worth
+    drafting (once draft_near is ahead of a target slowed to 10 ms a pass, a long line of its
+    drafts survives with a small chance; without the cache there are no bets to spend its steps
+    on), the target's next pass also runs on the draft's core; the draft computes
+    nothing during such a pass (check_invariants: no two passes on one core overlap), and the
+    text is still the target's own. With --lend-core off, no pass is lent."""
+    prompt = [11, 12, 13, 14]
+    reference, _ = run(engines, "ar", prompt, 40)
+    for lend in (True, False):
+        engine, sink = make_engine(tiny_models, "amusd", "draft_near", spec_cache=False, lend=lend,
+                                   faults={"target": "slow:0.01"})
+        try:
+            gen = engine.generate(prompt, 40, 4, NO_EOS)
+        finally:
+            engine.close()
+        events = sink.take()
+        assert gen.token_ids == reference.token_ids
+        check_invariants(gen, events)
+        lent = [e for e in events if e.type == "forward" and e.lent]
+        if not lend:
+            assert not lent
+            continue
+        assert lent and all(e.role == "target" and e.device == "cpu:0+cpu:1" for e in lent)
+        later = [e for e in events if e.type == "forward" and e.role == "draft" and e.t > lent[0].t]
+        assert later, "the draft never took its core back"
 
 
 def test_lookahead_one(engines):

@@ -111,3 +111,20 @@ def test_acceptance_per_check_and_expected_acceptance_by_hand():
     assert s.acceptance_per_check == 4 / 5
     assert abs(s.expected_acceptance - (0.9 + 0.8 + 0.4 + 1.0 + 0.9) / 5) < 1e-12
     assert s.acceptance_by_position == [1.0, 1.0, 0.0]  # position 2 reached once, rejected
+
+
+def test_a_lent_pass_counts_on_the_targets_own_lane():
+    """A target pass on the draft's lent core (device "cpu:0+cpu:1", engine/lending.py) is the
+    target's work: busy and the trace keep it on the target's own device, stats count it lent."""
+    from amusd_viz.events import Forward
+
+    events = [e for e in read_log(PROSE).events if e.type != "forward" or e.role == "draft"]
+    events += [Forward(t=1.0, role="target", device="cpu:0", dur=0.3, phase="decode", n_tokens=1),
+               Forward(t=1.5, role="target", device="cpu:0+cpu:1", dur=0.2, phase="verify",
+                       n_tokens=3)]
+    s = compute(events)
+    assert s.lent_passes == 1
+    assert set(s.busy) == {"draft@cpu:1", "target@cpu:0"}
+    lanes = {e["args"]["name"] for e in to_trace(events)["traceEvents"]
+             if e.get("name") == "thread_name"}
+    assert lanes == {"draft @ cpu:1", "target @ cpu:0"}

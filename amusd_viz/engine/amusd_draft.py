@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from amusd_viz.engine.guess import Guesser
+from amusd_viz.engine.lending import LEND_VALUE
 from amusd_viz.engine.loops import DraftBudget, Emit, Request, Step, _secs, draft_steps, sampler_for
 from amusd_viz.engine.runner import Runner
 from amusd_viz.engine.seq import common_prefix
@@ -31,14 +32,23 @@ def _adopt_committed(req: Request, seq: list[int], committed: list[int], shared,
 
 
 class Turns:
-    """One device (SharedState's baton): how far a turn drafts before it hands the device to
+    """How the draft shares its device with the target.
+
+    One device (SharedState's baton): how far a turn drafts before it hands the device to
     the target, by sync's rule (loops.DraftBudget: one more draft while its chance of being
     accepted, per second of drafting, beats the pass's expected rate). Taking turns on one
     device is sync's schedule, so it gets sync's lookahead; the target's pass is timed from the
-    hand-over to the turn coming back."""
+    hand-over to the turn coming back.
 
-    def __init__(self, adaptive: bool) -> None:
+    Two CPU cores (SharedState.loan): a resting draft lends its core to the target's next pass
+    (engine/lending.py), and takes it back before its own next pass. On a fresh verdict after
+    resting, a step must be worth `LEND_VALUE` (the core would speed the target's whole pass),
+    not just `speccache.MIN_VALUE`."""
+
+    def __init__(self, adaptive: bool, loan=None) -> None:
         self.adaptive = adaptive
+        self.loan = loan
+        self.resting = False
         self.budget = DraftBudget()
         self.start = 0  # where this turn's drafts begin in the sequence
         self.drafts: list[Step] = []
@@ -53,15 +63,30 @@ class Turns:
         self.drafts.append(step)
         self.budget.observe_draft(step.secs)
 
-    def idle(self, shared) -> None:
-        """Nothing worth drafting now: on one device, hand it to the target to verify what
-        this turn drafted and wait for the turn to come back; on two, wait for news."""
+    @property
+    def floor(self) -> float | None:
+        """The least value worth a step now (None: the Planner's own)."""
+        return LEND_VALUE if self.loan is not None and self.resting else None
+
+    def idle(self, shared, seen: int) -> None:
+        """Nothing worth drafting on the committed text of length `seen`: on one device, hand
+        it to the target to verify what this turn drafted and wait for the turn to come back;
+        on two, wait for news (on two CPU cores, lending the core meanwhile)."""
         if shared.one_device:
             self.handed_at = time.perf_counter()
             shared.pass_turn("target")
             shared.wait_turn("draft", stop=lambda: shared.run_done)
-        else:
-            shared.wait_wakeup(0.5)
+            return
+        if self.loan is not None:
+            self.loan.rest(seen)
+        self.resting = True
+        shared.wait_wakeup(0.5)
+
+    def busy(self, shared) -> None:
+        """Before a forward pass: the core back from the target's pass, if it was lent."""
+        if self.loan is not None and self.resting:
+            self.loan.take(stop=lambda: shared.run_done)
+        self.resting = False
 
     def back(self, committed: list[int]) -> None:
         """The turn came back with the target's verdict on this turn's drafts in `committed`."""
@@ -118,7 +143,8 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
                    cache=req.spec_cache and model_draft and not shared.one_device,
                    # a lookup costs nothing: resting would only mean fewer drafts
                    adaptive=req.adaptive and model_draft and not shared.one_device)
-    turns = Turns(req.adaptive and model_draft and shared.one_device)
+    turns = Turns(req.adaptive and model_draft and shared.one_device,
+                  loan=shared.loan if plan.adaptive else None)
     alts = req.tree and model_draft and (plan.cache or shared.one_device)
     guesser = Guesser(req.lookup and model_draft)
     passes = 0
@@ -137,19 +163,20 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
         can_extend = not (len(seq) - len(committed) >= max_ahead
                           or generated >= req.max_new_tokens
                           or (generated and seq[-1] in req.eos_ids))
-        action = plan.choose(seq, committed, can_extend)
+        action = plan.choose(seq, committed, can_extend, floor=turns.floor)
         if action is EXTEND and not turns.worth_another():
             action = None  # one device: this turn's drafts are worth verifying now
         if action is None:
-            turns.idle(shared)
+            turns.idle(shared, len(committed))
             continue
+        turns.busy(shared)
         passes += 1
         if action is not EXTEND:
             plan.grow(action)
             continue
         longer = _extend(req, plan, seq, committed, passes == 1, alts, guesser, max_ahead)
         if longer is None:  # nothing to propose until the target commits more
-            turns.idle(shared)
+            turns.idle(shared, len(committed))
             continue
         for at in range(len(seq), len(longer)):
             turns.drafted(at, plan.info[at - n_prompt])

@@ -81,8 +81,14 @@ def default_devices(strategy: str, gpu_count: int | None = None) -> tuple[str, s
     return "cpu", "cpu"
 
 
-def enter_device(device: Device) -> None:
-    """Pin this process for `device`. Call before importing torch in a worker process."""
+def enter_device(device: Device, borrow: int | None = None) -> None:
+    """Pin this process for `device` (and, for amusd's target, the draft's core `borrow` it may
+    borrow: engine/lending.py). Call before importing torch in a worker process."""
+    if device.kind == "cpu" and device.index is not None and borrow is not None:
+        from amusd_viz.engine.lending import enter_borrower
+
+        enter_borrower(device.index, borrow)
+        return
     if device.kind == "cpu" and device.index is not None:
         os.sched_setaffinity(0, {device.index})
         threads = 1

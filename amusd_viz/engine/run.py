@@ -76,7 +76,7 @@ class Prepared:
                             wait_steps=cfg.wait_steps, draft_quant=cfg.draft_quant,
                             adaptive=cfg.adaptive, spec_cache=cfg.spec_cache,
                             siblings=cfg.siblings, tree=cfg.tree,
-                            lookup=cfg.draft_lookup,
+                            lookup=cfg.draft_lookup, lend=cfg.lend_core,
                             preamble=self.preamble if cfg.preamble_cache else (),
                             faults={str(role): spec for role, spec in cfg.faults.items()},
                             sampling=cfg.sampling)

@@ -17,6 +17,7 @@ from typing_extensions import Self
 
 from amusd_viz.config import GREEDY, EngineStrategy, SamplingParams, draft_runs_with_target, parse_ngram
 from amusd_viz.engine.devices import check_gpu_memory
+from amusd_viz.engine.lending import borrowable_core
 from amusd_viz.engine.loops import Outcome, Request
 from amusd_viz.engine.messages import Done, Failed, Ready, RunRequest
 from amusd_viz.engine.shared import SharedState
@@ -52,6 +53,7 @@ class EngineConfig:
     siblings: bool = True  # amusd's cache: bets fed beside the main line's drafts
     tree: bool = True  # amusd's cache: branches checked in the main line's target pass
     lookup: bool = True  # sync, amusd: lookup guesses checked in the draft's pass (guess.py)
+    lend: bool = True  # amusd on two CPU cores: the target borrows a resting draft's core (lending.py)
     draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
     preamble: tuple[int, ...] = ()  # the prompt head every run shares: cached at load time
     faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
@@ -75,12 +77,20 @@ class EngineConfig:
         """Both models compute on one device and must take turns (a lookup computes nothing)."""
         return (self.draft_device or self.target_device) == self.target_device and not self.ngram
 
+    @property
+    def lend_core(self) -> int | None:
+        """amusd with a model draft on a CPU core of its own: the core its target may borrow."""
+        if self.strategy != "amusd" or not self.lend or not self.adaptive or self.ngram:
+            return None
+        return borrowable_core(self.target_device, self.draft_device)
+
     def worker_specs(self, t0_ns: int) -> list[WorkerSpec]:
         """amusd: a target and a draft worker; every other strategy: one worker."""
         if self.strategy == "amusd":
             return [
                 WorkerSpec("target", "amusd", self.target_device, self.dtype, self.target_src,
-                           None, t0_ns, self.faults.get("target", ""), preamble=self.preamble),
+                           None, t0_ns, self.faults.get("target", ""), preamble=self.preamble,
+                           borrow_core=self.lend_core),
                 WorkerSpec("draft", "amusd", self.draft_device or self.target_device, self.dtype,
                            None, self.draft_src, t0_ns, self.faults.get("draft", ""),
                            self.draft_quant, preamble=self.preamble,
@@ -144,7 +154,8 @@ class Engine:
                           if src and parse_ngram(src) is None], cfg.dtype)
         if cfg.strategy == "amusd":
             self.shared = SharedState(self._ctx, cfg.capacity, one_device=cfg.one_device,
-                                      vocab=0 if cfg.sampling.greedy else self.vocab)
+                                      vocab=0 if cfg.sampling.greedy else self.vocab,
+                                      loan_core=cfg.lend_core)
         for spec in specs:
             # One event pipe per worker: a worker killed mid-message can only tear its own pipe
             # (one shared queue would leave its lock held and block the other worker).

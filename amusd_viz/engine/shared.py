@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from amusd_viz.engine.lending import CoreLoan
 from amusd_viz.engine.tree import Bet, TreePath, bare_bets, within
 
 COMMITTED_LEN, DRAFTS_LEN, DONE, EPOCH, DRAFT_ALIVE, DRAFT_STEP_US, COMMITTED_SEQ, DRAFTS_SEQ = range(8)
@@ -62,8 +63,10 @@ def _poll(event, timeout: float, stop=lambda: False) -> bool:
 
 class SharedState:
     def __init__(self, ctx: mp.context.BaseContext, capacity: int, one_device: bool = False,
-                 vocab: int = 0) -> None:
+                 vocab: int = 0, loan_core: int | None = None) -> None:
         self.capacity = capacity
+        # amusd on two CPU cores: the target may borrow the resting draft's core (lending.py)
+        self.loan = CoreLoan(ctx, loan_core) if loan_core is not None else None
         # Sampling: the draft's q row for each proposal, a ring indexed by position, each row
         # with its own seqlock and the (position, token) it belongs to. Only when sampling.
         self.vocab = vocab
@@ -102,6 +105,8 @@ class SharedState:
         self._view(self._alts)[:] = -1
         self.wakeup.clear()
         self.drafted.clear()
+        if self.loan is not None:
+            self.loan.reset()
         if self._turn:  # the target goes first: its prefill
             self._turn["draft"].clear()
             self._turn["target"].set()

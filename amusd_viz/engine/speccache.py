@@ -104,8 +104,10 @@ class Planner:
         share = self.bet_calibration.chance(_share(step))
         return self.survival(first, pos) * (1.0 - self.calibration.chance(step.conf)) * share
 
-    def choose(self, seq: list[int], committed: list[int], can_extend: bool):
-        """EXTEND, a Branch to grow (new ones are created here), or None to rest."""
+    def choose(self, seq: list[int], committed: list[int], can_extend: bool,
+               floor: float | None = None):
+        """EXTEND, a Branch to grow (new ones are created here), or None to rest (adaptive:
+        when nothing is worth `floor`, by default MIN_VALUE)."""
         first, end = len(committed) - self.n_prompt, len(seq) - self.n_prompt
         options: list[tuple[float, object]] = []
         if can_extend:
@@ -125,7 +127,7 @@ class Planner:
         if not options:
             return None
         value, best = max(options, key=lambda o: o[0])
-        if self.adaptive and value < MIN_VALUE:
+        if self.adaptive and value < (MIN_VALUE if floor is None else floor):
             return None
         if isinstance(best, tuple):  # a new branch at this position
             pos, step = best

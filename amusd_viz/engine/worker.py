@@ -31,6 +31,7 @@ class WorkerSpec:
     draft_quant: str = "none"  # "int8": dynamic int8 linear layers for the draft (CPU only)
     preamble: tuple[int, ...] = ()  # the tokens every prompt starts with: fed at load time
     tokenizer_src: str | None = None  # the n-gram drafter's worker: the target's tokenizer
+    borrow_core: int | None = None  # amusd's target: the draft's CPU core it may borrow (lending.py)
 
 
 def _die_with_parent() -> None:
@@ -114,7 +115,7 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
         from amusd_viz.engine.messages import Done, Ready
 
         device = parse_device(spec.device)
-        enter_device(device)
+        enter_device(device, borrow=spec.borrow_core)
         from transformers.utils import logging as hf_logging
 
         # Workers share the user's terminal: transformers' loading bars would draw over the

@@ -113,8 +113,7 @@ class RunState:
             if self.status == "loading":
                 self.status, self.message = "generating", ""
                 self.started_at = e.t
-            self.lanes.setdefault(e.role, Lane(e.role, e.device)).add(
-                Span(e.t, e.t + e.dur, e.phase, e.n_tokens))
+            self._forward(e)
         elif kind == "draft_proposed":
             self.proposals[e.pos] = e
             self.drafts[e.pos] = e.text
@@ -150,6 +149,12 @@ class RunState:
             self.message = f"{e.new_tokens} tokens in {e.wall_s:.2f} s ({e.stop_reason})"
             if e.started_at is not None:
                 self.started_at = e.started_at
+
+    def _forward(self, e) -> None:
+        self.lanes.setdefault(e.role, Lane(e.role, e.home)).add(
+            Span(e.t, e.t + e.dur, e.phase, e.n_tokens))
+        if e.lent and "draft" in self.lanes:  # the draft's core lent to this target pass
+            self.lanes["draft"].add(Span(e.t, e.t + e.dur, "lent", e.n_tokens))
 
     def _verified(self, e) -> None:
         for i, token in enumerate(e.proposed[: e.accepted + 1]):

@@ -32,6 +32,7 @@ PHASE_STYLE = {
     "decode": ("█", "cyan"),
     "lookup": ("│", "magenta"),  # the n-gram drafter: an instant step
     "branch": ("▒", "dark_orange"),  # amusd's speculation cache: a step on a bet
+    "lent": ("░", "green"),  # amusd on two CPU cores: the draft's core runs a target pass
 }
 LANE_LABEL_WIDTH = 16  # "target cpu:0    " before each lane's bar
 TICK_EVERY_CELLS = 16  # one time label on the axis every this many cells
