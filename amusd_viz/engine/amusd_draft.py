@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from amusd_viz.engine.guess import Guesser
-from amusd_viz.engine.lending import LEND_VALUE
+from amusd_viz.engine.lending import LEND_BELOW_ACCEPTANCE, LEND_VALUE
 from amusd_viz.engine.loops import DraftBudget, Emit, Request, Step, _secs, draft_steps, sampler_for
 from amusd_viz.engine.runner import Runner
 from amusd_viz.engine.seq import common_prefix
@@ -42,8 +42,8 @@ class Turns:
 
     Two CPU cores (SharedState.loan): a resting draft lends its core to the target's next pass
     (engine/lending.py), and takes it back before its own next pass. On a fresh verdict after
-    resting, a step must be worth `LEND_VALUE` (the core would speed the target's whole pass),
-    not just `speccache.MIN_VALUE`."""
+    resting, while most drafts are rejected, a step must be worth `LEND_VALUE` (the core would
+    speed the target's whole pass), not just `speccache.MIN_VALUE`."""
 
     def __init__(self, adaptive: bool, loan=None) -> None:
         self.adaptive = adaptive
@@ -63,10 +63,11 @@ class Turns:
         self.drafts.append(step)
         self.budget.observe_draft(step.secs)
 
-    @property
-    def floor(self) -> float | None:
-        """The least value worth a step now (None: the Planner's own)."""
-        return LEND_VALUE if self.loan is not None and self.resting else None
+    def floor(self, acceptance: float) -> float | None:
+        """The least value worth a step now (None: the Planner's own), given the run's recent
+        per-check acceptance: lending pays only where most drafts are rejected."""
+        lend = self.loan is not None and self.resting and acceptance < LEND_BELOW_ACCEPTANCE
+        return LEND_VALUE if lend else None
 
     def idle(self, shared, seen: int) -> None:
         """Nothing worth drafting on the committed text of length `seen`: on one device, hand
@@ -163,7 +164,7 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emi
         can_extend = not (len(seq) - len(committed) >= max_ahead
                           or generated >= req.max_new_tokens
                           or (generated and seq[-1] in req.eos_ids))
-        action = plan.choose(seq, committed, can_extend, floor=turns.floor)
+        action = plan.choose(seq, committed, can_extend, floor=turns.floor(plan.calibration.acceptance))
         if action is EXTEND and not turns.worth_another():
             action = None  # one device: this turn's drafts are worth verifying now
         if action is None:

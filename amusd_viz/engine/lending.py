@@ -32,6 +32,11 @@ PATIENCE_S = 0.01  # how long the target waits for the draft's decision on a fre
 # 4.5 and 0.94 on code), so v ≈ 0.35 is the break-even in both. 0.5 rested too often on code
 # (0.73× without lending there, in the first bench run).
 LEND_VALUE = 0.35
+# ... but only while most checked drafts are rejected. Where they are mostly accepted (code,
+# edits: 93–96% per check), a rest costs the speculation cache's bets and the next pass's drafts:
+# the pass after a lent one was solo (code 0.93×, edit 0.97× with lending at any acceptance, in
+# the 3-repeat run; prose 1.08×, chat 1.03×, per-check acceptance 53% and 68%).
+LEND_BELOW_ACCEPTANCE = 0.75
 
 
 def borrowable_core(target_device: str, draft_device: str | None) -> int | None:

@@ -305,12 +305,18 @@ class Calibration:
     LOW, HIGH = 0.2, 5.0
 
     def __init__(self) -> None:
-        self.predicted, self.accepted = 2.0, 2.0
+        self.predicted, self.accepted, self.checked = 2.0, 2.0, 2.0
 
     def observe(self, confs: list[float], accepted: int) -> None:
         """`confs`: the checked drafts' confidences, in order; the first `accepted` passed."""
         self.predicted = 0.9 * self.predicted + sum(confs)
         self.accepted = 0.9 * self.accepted + accepted
+        self.checked = 0.9 * self.checked + len(confs)
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted drafts per checked draft, lately (1 before any verdict)."""
+        return self.accepted / self.checked
 
     @property
     def factor(self) -> float:
