@@ -69,3 +69,20 @@ def test_the_timeline_shows_a_lent_pass_on_the_draft_lane_too():
     assert state.lanes["target"].device == "cpu:0"
     assert [s.phase for s in state.lanes["target"].spans] == ["verify", "decode"]
     assert [(s.phase, s.start) for s in state.lanes["draft"].spans] == [("lent", 1.0)]
+
+
+def test_a_pass_that_raises_still_gives_the_core_back():
+    import pytest
+
+    from amusd_viz.engine.lending import borrowed
+
+    loan = CoreLoan(mp.get_context("spawn"), core=1)
+    loan.rest(seen=2)
+    with pytest.raises(RuntimeError), borrowed(loan, seen=2) as lent:
+        assert lent
+        raise RuntimeError("the target's pass failed")
+    taken = threading.Event()
+    threading.Thread(target=lambda: (loan.take(), taken.set()), daemon=True).start()
+    assert taken.wait(1.0)  # not left lent: the draft gets its core back
+    with borrowed(None, seen=2) as lent:  # no loan (one device, a GPU, --lend-core off)
+        assert not lent

@@ -1,5 +1,5 @@
 """Core lending: amusd on two CPU cores, the target borrows the draft's core for a pass the draft
-sits out (docs/protocol.md, "Core lending").
+sits out (docs/protocol.md, "Two CPU cores: the resting draft lends its core").
 
 On two cores each amusd worker owns one, while `ar` and `sync` run every pass on both: a target
 pass on one core costs ~1.5–1.7× one on two. When the draft has nothing worth drafting (its next
@@ -50,7 +50,7 @@ def borrowable_core(target_device: str, draft_device: str | None) -> int | None:
 def enter_borrower(own: int, borrow: int) -> None:
     """Pin the target's process so it can borrow `borrow`: its OpenMP pool is made while the
     process may run on both cores (a pool thread keeps the affinity it was born with), then the
-    main thread is pinned to `own` and passes run on one thread until `lent_threads`."""
+    main thread is pinned to `own` and passes run on one thread except when `borrowed`."""
     os.sched_setaffinity(0, {own, borrow})
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "2"
@@ -63,18 +63,20 @@ def enter_borrower(own: int, borrow: int) -> None:
 
 
 @contextlib.contextmanager
-def lent_threads(lent: bool):
-    """Run the enclosed pass on two threads if the draft's core is lent."""
-    if not lent:
-        yield
+def borrowed(loan: CoreLoan | None, seen: int):
+    """A target pass, on two threads if the draft rests on the committed text of length `seen`
+    (yields whether it does); the core goes back when the pass ends, even if it raised."""
+    if loan is None or not loan.borrow(seen):
+        yield False
         return
     import torch
 
     torch.set_num_threads(2)
     try:
-        yield
+        yield True
     finally:
         torch.set_num_threads(1)
+        loan.give_back()
 
 
 class CoreLoan:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from amusd_viz.engine.guess import Guesser
-from amusd_viz.engine.lending import lent_threads
+from amusd_viz.engine.lending import borrowed
 from amusd_viz.engine.runner import Runner
 from amusd_viz.engine.sampling import GREEDY, Sampler, SamplingParams, Verdict
 from amusd_viz.engine.tree import bare_bets, within
@@ -508,12 +508,9 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared, emit: E
                  if req.tree and (cache_lookup or shared.one_device) else [])
         before = c.n_new
         # two CPU cores: a pass the draft sits out runs on both (engine/lending.py)
-        lent = shared.loan is not None and shared.loan.borrow(len(c.seq))
-        with lent_threads(lent):
+        with borrowed(shared.loan, len(c.seq)) as lent:
             accepted = verify(req, c, target, f"{device}+cpu:{shared.loan.core}" if lent else device,
                               drafts, emit, sampler, q_rows, cached=cached, paths=paths)
-        if lent:
-            shared.loan.give_back()
         shared.publish_committed(c.seq, n_prompt, done=c.done)
         shared.pass_turn("draft")
         pace.observe(len(drafts), accepted, c.n_new - before)
