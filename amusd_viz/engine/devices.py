@@ -84,14 +84,10 @@ def default_devices(strategy: str, gpu_count: int | None = None) -> tuple[str, s
 def enter_device(device: Device, borrow: int | None = None) -> None:
     """Pin this process for `device` (and, for amusd's target, the draft's core `borrow` it may
     borrow: engine/lending.py). Call before importing torch in a worker process."""
-    if device.kind == "cpu" and device.index is not None and borrow is not None:
-        from amusd_viz.engine.lending import enter_borrower
-
-        enter_borrower(device.index, borrow)
-        return
     if device.kind == "cpu" and device.index is not None:
-        os.sched_setaffinity(0, {device.index})
-        threads = 1
+        cores = {device.index} if borrow is None else {device.index, borrow}
+        os.sched_setaffinity(0, cores)
+        threads = len(cores)
     elif device.kind == "cpu":
         threads = len(usable_cores())
     else:
@@ -103,6 +99,10 @@ def enter_device(device: Device, borrow: int | None = None) -> None:
     torch.set_num_threads(threads)
     if device.kind == "cuda":
         torch.cuda.set_device(device.index or 0)
+    if device.kind == "cpu" and device.index is not None and borrow is not None:
+        from amusd_viz.engine.lending import pin_to_own_core
+
+        pin_to_own_core(device.index)
 
 
 def resolve_draft_quant(choice: str, draft_device: str) -> str:

@@ -47,16 +47,13 @@ def borrowable_core(target_device: str, draft_device: str | None) -> int | None:
     return other if other != own else None
 
 
-def enter_borrower(own: int, borrow: int) -> None:
-    """Pin the target's process so it can borrow `borrow`: its OpenMP pool is made while the
-    process may run on both cores (a pool thread keeps the affinity it was born with), then the
+def pin_to_own_core(own: int) -> None:
+    """The target's process, entered on its own core and the one it may borrow with two
+    threads (devices.enter_device): its OpenMP pool's second thread is born now, while the
+    process may run on both cores (a pool thread keeps the affinity it was born with); then the
     main thread is pinned to `own` and passes run on one thread except when `borrowed`."""
-    os.sched_setaffinity(0, {own, borrow})
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "2"
     import torch
 
-    torch.set_num_threads(2)
     torch.ones(1 << 20).sum()  # a parallel op: the pool's second thread is born here
     os.sched_setaffinity(0, {own})  # pid 0: this (main) thread only
     torch.set_num_threads(1)
@@ -129,8 +126,7 @@ class CoreLoan:
             self._lock.release()
 
     def give_back(self) -> None:
-        if self._lock.acquire(timeout=1.0):
-            self._state[LENT] = 0
+        acquired = self._lock.acquire(timeout=1.0)
+        self._state[LENT] = 0  # without the lock only if the draft died holding it: nobody waits
+        if acquired:
             self._lock.release()
-        else:  # the draft died holding the lock: nobody is left to wait for the core
-            self._state[LENT] = 0
