@@ -23,6 +23,7 @@ from amusd_viz.config import (
     DEFAULT_PROMPT,
     DEFAULT_STALL_TIMEOUT,
     DTYPES,
+    MAX_SEED,
     QUANT_CHOICES,
     STRATEGIES,
     BenchConfig,
@@ -36,7 +37,12 @@ BENCH_STRATEGIES = "ar,ar-1dev,sync,sync-1dev,amusd,hf-assisted"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line and exit 2, with a pointer to --help."""
+    """argparse, but a bad option is one line and exit 2, with a pointer to --help; and no
+    abbreviations (`--headles` would otherwise start a model run as `--headless`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # exits 2, never returns
         self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
@@ -62,7 +68,8 @@ def _number(kind: type, ok, rule: str):
 
 positive_int = _number(int, lambda v: v >= 1, "at least 1")
 non_negative_int = _number(int, lambda v: v >= 0, "0 or more")
-seed_value = _number(int, lambda v: 0 <= v < 2**63, "between 0 and 2^63 - 1")
+# torch's CPU generator keeps 32 bits of a seed: larger seeds would repeat smaller ones' text
+seed_value = _number(int, lambda v: 0 <= v <= MAX_SEED, f"between 0 and {MAX_SEED} (2^32 - 1)")
 positive_float = _number(float, lambda v: v > 0, "greater than 0")
 non_negative_float = _number(float, lambda v: v >= 0, "0 or more")
 probability = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
@@ -90,7 +97,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="device of the target (default: cuda:0 with a GPU; else cpu:0 for amusd, "
                         "cpu (all cores) for sync and ar)")
     g.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                   help="weights and compute dtype; float32 is bit-exact on a CPU (default: "
+                   help="weights and compute dtype; float32 on a CPU is the exact mode (default: "
                         "auto: bfloat16 on a CPU and on GPUs with native bf16, float32 on older "
                         "GPUs)")
     g.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
@@ -298,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             command = argv[0]
             args = build_command_parser(command).parse_args(argv[1:])
             return _dispatch(command, args)
+        if argv and not argv[0].startswith("-"):
+            _unknown_command(argv[0])
         args = build_run_parser().parse_args(argv)
         return _run(args)
     except UserError as exc:
@@ -309,6 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("amusd-viz: interrupted; every worker was stopped.", file=sys.stderr)
         return 130
+
+
+def _unknown_command(word: str) -> None:
+    """A run takes options only: a bare word is a mistyped command."""
+    import difflib
+
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f"did you mean `amusd-viz {close[0]}`?" if close else f"commands: {', '.join(COMMANDS)}"
+    raise UserError(f"unknown command {word!r}: {hint} (`amusd-viz --help` lists the options "
+                    "of a run)")
 
 
 def _terminate_as_interrupt() -> None:

@@ -43,6 +43,11 @@ MAX_LOOKAHEAD = 32  # the TUI's `]` stops here: a verify pass of more tokens is 
 DEFAULT_STALL_TIMEOUT = 300.0
 
 
+# Seeds are 32-bit: torch's CPU generator keeps the low 32 bits of what it is seeded with, so
+# seeds that differ by a multiple of 2^32 would give the same text (the CLI refuses larger ones).
+MAX_SEED = 2**32 - 1
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How tokens are chosen (engine/sampling.py): greedy at temperature 0, else a seeded sample
@@ -111,7 +116,8 @@ class RunConfig(BaseModel):
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    seed: int = 0  # the CLI draws a fresh one when none is given, and records it
+    # the CLI draws a fresh one when none is given, and records it; 32 bits (MAX_SEED)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     acceptance: Acceptance | None = None  # None: coupled when sampling
     # What the user asked for; None: the default for the strategy on this machine.
     target_device_option: str | None = None

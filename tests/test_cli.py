@@ -49,6 +49,7 @@ def test_help_lists_every_option_of_the_contract():
     (["--top-k", "-1"], "--top-k"),
     (["--seed", "1.5"], "--seed"),
     (["--seed", "x"], "--seed"),
+    (["--seed", str(2**32)], "2^32 - 1"),  # torch keeps 32 bits: it would repeat seed 0
     (["--acceptance", "maybe", "--temperature", "1"], "--acceptance"),
     (["bench", "--temperature", "-1"], "--temperature"),
     (["--spec-cache", "maybe"], "--spec-cache"),
@@ -240,3 +241,19 @@ def test_sampling_options_reach_the_run_config():
     assert len(fresh) > 1  # a fresh random seed when none is given
     greedy = build_run_config(build_run_parser().parse_args([]))
     assert greedy.acceptance_rule == "greedy" and greedy.sampling.greedy
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--headles"], "--headles"),  # no abbreviations: a typo must not start a model run
+    (["stat", "x.jsonl"], "did you mean `amusd-viz stats`"),
+    (["frobnicate"], "commands: bench"),
+])
+def test_typos_exit_2_with_a_hint_instead_of_running(args, needle, capsys):
+    code = None
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err

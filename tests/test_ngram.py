@@ -156,7 +156,7 @@ def test_lookups_are_accepted_where_the_text_repeats(ngram_engines):
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompt=repetitive, max_new=st.integers(1, 30), lookahead=st.integers(1, 6),
-       seed=st.integers(0, 2**40), temperature=st.sampled_from([0.3, 1.0]),
+       seed=st.integers(0, 2**32 - 1), temperature=st.sampled_from([0.3, 1.0]),
        top_k=st.sampled_from([0, 3]))
 def test_coupled_ngram_sampling_gives_ar_ids(ngram_engines, prompt, max_new, lookahead, seed,
                                              temperature, top_k):

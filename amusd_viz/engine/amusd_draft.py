@@ -107,22 +107,28 @@ def _extend(req: Request, plan: Planner, seq: list[int], committed: list[int],
     n_prompt, shared = len(req.prompt_ids), plan.shared
     generated = len(seq) - n_prompt
     room = min(max_ahead - (len(seq) - len(committed)), req.max_new_tokens - generated) - 1
-    steps = draft_steps(req, plan.draft, seq, plan.sampler, plan.device, plan.emit, first=first,
-                        sibling=plan.sibling_for(seq, committed), guesser=guesser, room=room)
-    if not steps:
-        return None
-    for i, step in enumerate(steps):
+    line = list(seq)
+
+    def publish(i: int, step: Step) -> None:
+        """Each draft the moment it is chosen (not after the pass's later guessed steps: a draft
+        that matched its guess would reach the target later, a selection by its own value)."""
         plan.info[generated + i] = step
         if step.q is not None:
             shared.write_q_row(generated + i, step.token, step.q)  # before the draft is visible
         if alts:  # the bets the target checks beside this draft in its pass
-            shared.write_alts(len(seq) + i, step.others())
+            shared.write_alts(len(line), step.others())
+        line.append(step.token)
+        shared.publish_drafts(line, n_prompt, step_s=step.secs)
+
+    steps = draft_steps(req, plan.draft, seq, plan.sampler, plan.device, plan.emit, first=first,
+                        sibling=plan.sibling_for(seq, committed), guesser=guesser, room=room,
+                        on_step=publish)
+    if not steps:
+        return None
     plan.sampler.noise.forget_before(len(committed) - n_prompt)
     if steps[0].beside is not None:
         plan.add_sibling(seq, committed, steps[0].beside)
-    seq = [*seq, *(step.token for step in steps)]
-    shared.publish_drafts(seq, n_prompt, step_s=steps[0].secs)
-    return seq
+    return line
 
 
 def amusd_draft_loop(req: Request, draft: Runner, device: str, shared, emit: Emit) -> int:

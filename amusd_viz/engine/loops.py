@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from amusd_viz.engine.guess import Guesser
 from amusd_viz.engine.lending import borrowed
 from amusd_viz.engine.runner import Runner
-from amusd_viz.engine.sampling import GREEDY, Sampler, SamplingParams, Verdict
+from amusd_viz.engine.sampling import GREEDY, Check, Sampler, SamplingParams, Verdict
 from amusd_viz.engine.tree import bare_bets, within
 from amusd_viz.events import (
     Candidate,
@@ -168,7 +168,7 @@ def verify(req: Request, c: Committer, target: Runner, device: str, drafts: list
                       tree_root=start_pos + verdict.accepted if taken else None,
                       tree_proposed=path.drafts if taken else [],
                       tree_accepted=taken.accepted if taken else 0,
-                      **_check_fields(verdict)))
+                      **_check_fields([*verdict.checks, *(taken.checks if taken else [])])))
     sampler.noise.forget_before(c.n_new)
     return verdict.accepted
 
@@ -179,9 +179,10 @@ def _goes_on(path, anchor: int, pick: int) -> bool:
     return path.anchor == anchor and path.token == pick
 
 
-def _check_fields(verdict: Verdict) -> dict:
-    """Why each checked draft token was accepted or not (empty lists when greedy)."""
-    checks = verdict.checks
+def _check_fields(checks: list[Check]) -> dict:
+    """Why each checked draft token was accepted or not (empty lists when greedy): the main
+    line's, then a tree path's the verdict went on along (its first draft sits right after the
+    bet, so entry i is still position start_pos + i)."""
     return {"p": [round(k.p, 6) for k in checks], "q": [round(k.q, 6) for k in checks],
             "accept_prob": [round(k.accept_prob, 6) for k in checks],
             "u": [round(k.u, 6) for k in checks if k.u is not None],
@@ -254,14 +255,20 @@ def draft_step(req: Request, draft: Runner, seq: list[int], sampler: Sampler, de
 
 def draft_steps(req: Request, draft: Runner, seq: list[int], sampler: Sampler, device: str,
                 emit: Emit, first: bool, phase: str | None = None, sibling: int | None = None,
-                guesser: Guesser | None = None, room: int = 0) -> list[Step]:
+                guesser: Guesser | None = None, room: int = 0,
+                on_step: Callable[[int, Step], None] | None = None) -> list[Step]:
     """One draft pass on `seq`: its proposals (none when the n-gram drafter found no match).
     Emits the pass and, unless it is a branch step (`phase` "branch": the caller reports it),
     the proposals. With a `guesser` (engine/guess.py) the pass also feeds up to `room` lookup
     guesses after seq: while the draft's choice equals the guess, the next row is its own next
     step, so the pass drafts one token more per guess held; the guesser learns how many held.
     With `sibling` (a token in place of seq's last, engine/speccache.py), the same pass also
-    drafts after it: the first step's `beside`."""
+    drafts after it: the first step's `beside`.
+
+    `on_step(i, step)` runs as soon as the i-th proposal is chosen, before the next is: amusd
+    publishes there, so when a draft becomes visible never depends on its own value (whether
+    it matched a guess decides only whether a later draft exists; docs/protocol.md, "What may
+    decide which drafts the target sees")."""
     guesses = guesser.guesses(seq, room) if guesser is not None else []
     line = [*seq, *guesses]
     paths = [(len(seq) - 1, [sibling])] if sibling is not None else []
@@ -273,18 +280,20 @@ def draft_steps(req: Request, draft: Runner, seq: list[int], sampler: Sampler, d
         return []
     pos = len(seq) - len(req.prompt_ids)
     secs = (end - start) / 1e9 if fed == 1 else None
-    steps = [_step(draft, sampler, logits[0], pos, secs, end)]
-    for i, guess in enumerate(guesses):
-        if steps[-1].token != guess or guess in req.eos_ids:
-            break
-        steps.append(_step(draft, sampler, logits[i + 1], pos + i + 1, None, end))
+    steps: list[Step] = []
+    for i in range(len(guesses) + 1):
+        if i and (steps[-1].token != guesses[i - 1] or guesses[i - 1] in req.eos_ids):
+            break  # the guess before this row missed: the row is not the draft's own step
+        step = _step(draft, sampler, logits[i], pos + i, secs if i == 0 else None, end)
+        steps.append(step)
+        if on_step is not None:
+            on_step(i, step)
+        if phase != "branch":
+            emit(proposal_event(req, draft, step, pos + i, end, guessed=i > 0))
     if guesser is not None:
         guesser.observe(guesses, [step.token for step in steps])
     if sibling is not None:
         steps[0].beside = _step(draft, sampler, logits[len(guesses) + 1], pos, secs, end)
-    if phase != "branch":
-        for i, step in enumerate(steps):
-            emit(proposal_event(req, draft, step, pos + i, end, guessed=i > 0))
     return steps
 
 

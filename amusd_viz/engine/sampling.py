@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from amusd_viz.config import GREEDY, SamplingParams
+from amusd_viz.config import GREEDY, MAX_SEED, SamplingParams
 
-__all__ = ["GREEDY", "Sampler", "SamplingParams", "Verdict", "processed"]
+__all__ = ["GREEDY", "MisalignedDraft", "Sampler", "SamplingParams", "Verdict", "processed"]
 
 # Independent noise streams per position: the target's own choice (shared with a coupled draft),
 # a rejection-rule draft's proposal, the acceptance draw, and the residual draw.
@@ -60,6 +60,10 @@ class Noise:
     vocab: int
     _gumbel: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed <= MAX_SEED:  # torch keeps 32 bits: a larger seed repeats a smaller
+            raise ValueError(f"seed {self.seed} is not between 0 and {MAX_SEED}")
+
     def _generator(self, pos: int, stream: int) -> torch.Generator:
         gen = torch.Generator()
         gen.manual_seed(((self.seed * _MIX) ^ (pos * 0x100000001B3 + stream * 0x51ED27)) & _MASK)
@@ -80,6 +84,13 @@ class Noise:
         """Committed positions never come back: drop their noise (151k doubles a position)."""
         for key in [k for k in self._gumbel if k[0] < pos]:
             del self._gumbel[key]
+
+
+class MisalignedDraft(RuntimeError):
+    """A draft reached the verifier without the q row it was drawn from. Every drafter gives
+    one (the n-gram drafter a one-hot row, by construction): a missing row, or one that gives
+    the draft's own token no probability, belongs to another proposal, and judging the draft
+    against it would bias the output. An engine bug, never a user's error."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +135,8 @@ class Sampler:
         """The target's token at `pos` (and its processed distribution when sampling)."""
         if self.params.greedy:
             return int(logits_row.argmax()), None
-        # a one-row batch: the same kernel path as a verify pass's rows, bit for bit
+        # a one-row batch: the same processing as a verify pass's rows (the logits themselves
+        # may differ in the last bits between pass shapes: docs/protocol.md, "Sampling")
         p = _pad(processed(logits_row.cpu()[None], self.params)[0], self.vocab)
         return self._pick(p, pos), p
 
@@ -168,10 +180,14 @@ class Sampler:
             probs = torch.stack([_pad(row, self.vocab) for row in probs])
         checks: list[Check] = []
         tokens: list[int] = []
+        rows = [q for q in q_rows[:len(drafts)] if q is not None]
+        if len(rows) < len(drafts):
+            raise MisalignedDraft(f"{len(drafts)} drafts at position {start_pos} came with "
+                                  f"{len(rows)} q rows")
         for i, x in enumerate(drafts):
             pos = start_pos + i
             p = probs[i]
-            q = q_rows[i] if i < len(q_rows) else None
+            q = rows[i]
             coupled = self.params.acceptance == "coupled"
             check = _check(p, q, x, None if coupled else self.noise.uniform(pos, ACCEPT))
             checks.append(check)
@@ -196,23 +212,20 @@ class Sampler:
         return Verdict(len(drafts), [*tokens, bonus], ["accepted"] * len(drafts) + [last], checks,
                        probs)
 
-    def _residual(self, p: torch.Tensor, q: torch.Tensor | None, x: int, pos: int) -> int:
-        """A draw from max(0, p - q), normalised (q one-hot at x when the draft gave no q)."""
-        if q is None:
-            q = torch.zeros_like(p)
-            q[x] = 1.0
+    def _residual(self, p: torch.Tensor, q: torch.Tensor, x: int, pos: int) -> int:
+        """A draw from max(0, p - q), normalised."""
         residual = torch.clamp(p - q, min=0.0)
         if float(residual.sum()) <= 0.0:  # p == q: any rejection came from rounding; draw from p
             residual = p
         return gumbel_argmax(residual / residual.sum(), self.noise.gumbel(pos, RESIDUAL))
 
 
-def _check(p: torch.Tensor, q: torch.Tensor | None, x: int, u: float | None) -> Check:
-    px = float(p[x])
-    qx = float(q[x]) if q is not None else 1.0
-    overlap = float(torch.minimum(p, q).sum()) if q is not None else None
-    return Check(p=px, q=qx, accept_prob=min(1.0, px / qx) if qx > 0 else 1.0, u=u,
-                 overlap=overlap)
+def _check(p: torch.Tensor, q: torch.Tensor, x: int, u: float | None) -> Check:
+    px, qx = float(p[x]), float(q[x])
+    if qx <= 0:  # x was drawn from q: a q row without it belongs to another proposal
+        raise MisalignedDraft(f"the draft's q row gives its own token {x} probability {qx}")
+    return Check(p=px, q=qx, accept_prob=min(1.0, px / qx), u=u,
+                 overlap=float(torch.minimum(p, q).sum()))
 
 
 def _greedy_verdict(logits: torch.Tensor, drafts: list[int]) -> Verdict:
