@@ -101,11 +101,11 @@ class Paths:
 
 
 def run_sync(target, draft, case: Case, seed: int, paths: Paths | None = None,
-             **flags) -> tuple[int, ...]:
+             rule: str = "rejection", **flags) -> tuple[int, ...]:
     emit = paths or (lambda e: None)
     if paths is not None:
         paths.reset_run()
-    out = sync_loop(case.request(seed, **flags), target, draft, "cpu", emit)
+    out = sync_loop(case.request(seed, rule, **flags), target, draft, "cpu", emit)
     return tuple(out.token_ids[:case.outcome])
 
 
@@ -171,8 +171,8 @@ def make_shared(kind: str, vocab: int) -> SharedState:
 
 
 def run_amusd(target, draft, case: Case, seed: int, shared: SharedState,
-              paths: Paths | None = None, **flags) -> tuple[int, ...]:
-    req = dataclasses.replace(case.request(seed, **flags), max_ahead=2 * case.lookahead)
+              paths: Paths | None = None, rule: str = "rejection", **flags) -> tuple[int, ...]:
+    req = dataclasses.replace(case.request(seed, rule, **flags), max_ahead=2 * case.lookahead)
     emit = paths or (lambda e: None)
     if paths is not None:
         paths.reset_run()

@@ -109,20 +109,26 @@ def exact(runners):
     return get
 
 
-def sample(runners, variant: Variant, draws: int, monkeypatch) -> tuple[Counter, Paths]:
-    """`draws` seeded runs of the variant: the first tokens' counts, and the paths taken."""
+def outcomes(runners, variant: Variant, draws: int,
+             rule: str = "rejection") -> tuple[list[tuple[int, ...]], Paths]:
+    """`draws` seeded runs of the variant (seeds 0, 1, ...): each run's first tokens, and the
+    paths taken."""
     target, drafts = runners
     draft, paths = drafts[variant.draft], Paths()
     if variant.schedule == "sync":
-        counts = Counter(run_sync(target, draft, variant.case, seed, paths, **variant.flags)
-                         for seed in range(draws))
-        return counts, paths
+        return [run_sync(target, draft, variant.case, seed, paths, rule, **variant.flags)
+                for seed in range(draws)], paths
     shared = make_shared(variant.schedule, target.vocab)
     if variant.slow_s:
         target = SlowTarget(target, variant.slow_s)
-    counts = Counter(run_amusd(target, draft, variant.case, seed, shared, paths, **variant.flags)
-                     for seed in range(draws))
-    return counts, paths
+    return [run_amusd(target, draft, variant.case, seed, shared, paths, rule, **variant.flags)
+            for seed in range(draws)], paths
+
+
+def sample(runners, variant: Variant, draws: int, monkeypatch) -> tuple[Counter, Paths]:
+    """`draws` seeded runs under the rejection rule: the first tokens' counts, the paths."""
+    runs, paths = outcomes(runners, variant, draws)
+    return Counter(runs), paths
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -171,3 +177,20 @@ def test_a_draft_is_visible_before_its_pass_chooses_the_next(runners, monkeypatc
         assert seen["hidden"] >= seen["later steps"], seen
     else:
         assert seen["hidden"] == 0, seen
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_the_coupled_rule_gives_ar_ids_on_every_path(runners, monkeypatch, name):
+    """Coupled: the same seed gives the target's own sample whatever the path (float32: up to
+    numeric near-ties between pass shapes, none met here); the same paths must be taken."""
+    from amusd_viz.engine.loops import ar_loop
+
+    variant, target = VARIANTS[name], runners[0]
+    runs = 120
+    got, paths = outcomes(runners, variant, runs, "coupled")
+    for seed, ids in enumerate(got):
+        ar = ar_loop(variant.case.request(seed, "coupled"), target, "cpu", lambda e: None)
+        assert ids == tuple(ar.token_ids[:variant.case.outcome]), seed
+    for path, least in variant.needs.items():  # a quarter of the rejection rule's share
+        assert paths.counts[path] >= max(1, least * runs // variant.draws // 4), (
+            path, dict(paths.counts))
