@@ -53,8 +53,8 @@ VARIANTS = {
     "sync": Variant("sync", "medium", Case(REPEATING), 3000,
                     {"second": 300, "confidence": 600, "guessed": 90, "tree": 150}, SYNC_FLAGS),
     # the two rules' own weak spot: the cache's drafts, read before the draft rolls back
-    "amusd-free": Variant("free", "near", Case(REPEATING), 3500,
-                          {"cache": 300, "second": 100, "guessed": 250, "tree": 25}, AMUSD_FLAGS,
+    "amusd-free": Variant("free", "near", Case(REPEATING), 2500,
+                          {"cache": 250, "second": 80, "guessed": 250, "tree": 15}, AMUSD_FLAGS,
                           slow_s=0.003),
     "amusd-one-device": Variant("one-device", "medium",
                                 Case(REPEATING, temperature=1.3, top_p=0.9), 2000,
