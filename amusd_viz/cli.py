@@ -12,6 +12,7 @@ import contextlib
 import secrets
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 from amusd_viz import __version__
@@ -100,10 +101,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="weights and compute dtype; float32 on a CPU is the exact mode (default: "
                         "auto: bfloat16 on a CPU and on GPUs with native bf16, float32 on older "
                         "GPUs)")
-    g.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
-                   help="int8: dynamic int8 linear layers for the draft only (CPU; the target "
-                        "and so the output are untouched); auto: int8 on CPU, none on GPU "
-                        "(default: auto)")
 
 
 def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> None:
@@ -121,6 +118,17 @@ def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> N
         g.add_argument("--lookahead", type=positive_int, default=DEFAULT_LOOKAHEAD, metavar="K",
                        help=f"draft tokens verified per target pass at most (default: "
                             f"{DEFAULT_LOOKAHEAD})")
+    max_new = DEFAULT_BENCH_MAX_NEW if bench else DEFAULT_MAX_NEW
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new, metavar="N",
+                   help=f"stop after N generated tokens, or at end of sequence (default: "
+                        f"{max_new})")
+
+
+def add_tuning_options(p: argparse.ArgumentParser) -> None:
+    """The engine's A/B switches, below the everyday options: each speed policy can be
+    switched off to see what it buys (engine/plan.py resolves them into the run's plan)."""
+    g = p.add_argument_group("engine tuning (defaults are the fastest measured; "
+                             "docs/benchmarks.md)")
     on_off = ("on", "off")
     g.add_argument("--adaptive", choices=on_off, default="on",
                    help="sync and amusd: draft only as far as the draft's own confidence makes "
@@ -141,10 +149,10 @@ def add_generation_options(p: argparse.ArgumentParser, bench: bool = False) -> N
                    help="amusd on two CPU cores: when the draft has nothing worth drafting, it "
                         "lends its core and the target runs its next pass on both cores "
                         "(needs --adaptive on; default: on)")
-    max_new = DEFAULT_BENCH_MAX_NEW if bench else DEFAULT_MAX_NEW
-    g.add_argument("--max-new-tokens", type=positive_int, default=max_new, metavar="N",
-                   help=f"stop after N generated tokens, or at end of sequence (default: "
-                        f"{max_new})")
+    g.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
+                   help="int8: dynamic int8 linear layers for the draft only (CPU; the target "
+                        "and so the output are untouched); auto: int8 on CPU, none on GPU "
+                        "(default: auto)")
     g.add_argument("--stall-timeout", type=positive_float, default=DEFAULT_STALL_TIMEOUT,
                    metavar="S", help="fail the run when the target makes no progress for S "
                                      f"seconds (default: {DEFAULT_STALL_TIMEOUT:g})")
@@ -196,6 +204,7 @@ def build_run_parser() -> argparse.ArgumentParser:
                    help="record every event to FILE (JSONL, flushed as it goes)")
     g.add_argument("--summary-json", metavar="FILE", type=Path,
                    help="write the run summary (JSON) to FILE when the run ends")
+    add_tuning_options(p)
     return p
 
 
@@ -234,9 +243,17 @@ def _replay_parser() -> argparse.ArgumentParser:
 
 
 def _bench_parser() -> argparse.ArgumentParser:
+    from amusd_viz.bench import DESCRIPTIONS
+
+    width = max(map(len, DESCRIPTIONS)) + 2
     p = _Parser(prog="amusd-viz bench",
                 description="Run every strategy on the same prompts, models and dtype, and "
-                            "compare their speed, acceptance and losslessness.")
+                            "compare their speed, acceptance and losslessness.",
+                epilog="strategies (--strategies):\n" + "\n".join(
+                    textwrap.fill(what, 79, initial_indent=f"  {name:<{width}}",
+                                  subsequent_indent=" " * (width + 2))
+                    for name, what in DESCRIPTIONS.items()),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(p)
     add_generation_options(p, bench=True)
     add_sampling_options(p)
@@ -245,14 +262,11 @@ def _bench_parser() -> argparse.ArgumentParser:
                    help='prompts, one {"id": ..., "prompt": ...} a line (default: the bundled '
                         "prompt set)")
     g.add_argument("--strategies", default=BENCH_STRATEGIES, metavar="LIST",
-                   help=f"comma-separated strategies (default: all: {BENCH_STRATEGIES}; "
-                        "hf-generate is the other choice)")
+                   help=f"comma-separated strategies, listed below (default: "
+                        f"{BENCH_STRATEGIES})")
     g.add_argument("--lookahead", type=int_list, default=[DEFAULT_LOOKAHEAD], metavar="K[,K…]",
                    help=f"lookahead for sync and amusd; a list sweeps it (default: "
                         f"{DEFAULT_LOOKAHEAD})")
-    g.add_argument("--wait-steps", type=float, default=0.0, metavar="W",
-                   help="amusd, experimental: let the target wait up to W draft steps per draft "
-                        "it expects to be worth waiting for; 0 never waits (default: 0)")
     g.add_argument("--no-preamble-cache", action="store_true",
                    help="feed every prompt whole, as transformers' generate does; by default ar, "
                         "sync and amusd start past the chat template's fixed preamble, fed once "
@@ -266,6 +280,7 @@ def _bench_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot", type=Path, metavar="OUT.svg",
                    help="draw cumulative tokens against time for the first prompt (SVG; needs "
                         "matplotlib: pip install 'amusd-viz[plot]')")
+    add_tuning_options(p)
     return p
 
 
@@ -434,7 +449,7 @@ def build_bench_config(args) -> BenchConfig:
     from amusd_viz.engine.devices import cuda_count, resolve_dtype
 
     target = settings["target_device_option"] or ("cuda:0" if cuda_count() else "cpu")
-    run = RunConfig(preamble_cache=not args.no_preamble_cache, wait_steps=args.wait_steps,
+    run = RunConfig(preamble_cache=not args.no_preamble_cache,
                     lookahead=args.lookahead[0], dtype=resolve_dtype(args.dtype, target),
                     **settings)
     return BenchConfig(

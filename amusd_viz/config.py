@@ -105,7 +105,6 @@ class RunConfig(BaseModel):
     max_new_tokens: int = Field(DEFAULT_MAX_NEW, ge=1)
     stall_timeout: float = Field(DEFAULT_STALL_TIMEOUT, gt=0)
     preamble_cache: bool = True  # feed the chat template's fixed head once, at load time
-    wait_steps: float = Field(0.0, ge=0)  # amusd, experimental (docs/protocol.md, "Pace")
     adaptive: bool = True  # --adaptive: draft only as far as it is worth (sync, amusd)
     spec_cache: bool = True  # --spec-cache: amusd's speculation cache
     siblings: bool = True  # amusd's cache: a runner-up bet beside every main-line draft (bench)

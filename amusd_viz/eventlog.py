@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from amusd_viz import __version__
 from amusd_viz.errors import UserError
-from amusd_viz.events import EVENT_TYPES, SCHEMA_VERSION, Header, _Event, event_adapter
+from amusd_viz.events import EVENT_TYPES, SCHEMA_VERSION, Header, RunFinished, _Event, event_adapter
 
 _PACKAGES = ("torch", "transformers", "textual", "pydantic", "plotext")
 
@@ -173,7 +173,7 @@ def parse_log(raw: str, name: str = "<log>") -> EventLog:
                 warnings.append(f"{name}:{lineno}: the last event is incomplete; ignoring it")
                 break
             raise UserError(f"{name}:{lineno}: bad {kind} event: {_first_problem(exc)}") from None
-    if not any(getattr(e, "type", "") == "run_finished" for e in events):
+    if not any(isinstance(e, RunFinished) for e in events):
         warnings.append(f"{name}: the run has no run_finished event (stopped early?)")
     return EventLog(header=header, events=events, warnings=warnings)
 

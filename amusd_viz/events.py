@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Protocol, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from amusd_viz.config import EngineStrategy
 
 # 2: sampling (run_started's settings, draft_proposed.q, verify_result's checks, `resampled`).
-# Version 1 logs still read: every new field has a default.
-SCHEMA_VERSION = 2
+# 3: a target pass on the draft's borrowed core is `forward.lent`, its device the worker's own
+# (version 2 wrote "cpu:0+cpu:1" as its device: read as lent).
+# Older logs still read: every new field has a default.
+SCHEMA_VERSION = 3
 
 Role = Literal["draft", "target"]
 # lookup: the n-gram drafter; branch: a draft step for the speculation cache (a bet on a rejection)
@@ -84,8 +86,8 @@ class WorkerReady(_Event):
 
 
 class Forward(_Event):
-    """One forward pass; `t` is its start, `dur` its length. `device` is where it ran: an amusd
-    target pass on the draft's borrowed core reads "cpu:0+cpu:1" (engine/lending.py)."""
+    """One forward pass; `t` is its start, `dur` its length, `device` its worker's device.
+    `lent`: an amusd target pass that also ran on the resting draft's core (engine/lending.py)."""
 
     type: Literal["forward"] = "forward"
     role: Role
@@ -93,15 +95,15 @@ class Forward(_Event):
     dur: float
     phase: Phase
     n_tokens: int
+    lent: bool = False
 
-    @property
-    def home(self) -> str:
-        """The worker's own device (a lent pass also ran on the cores after it)."""
-        return self.device.split("+")[0]
-
-    @property
-    def lent(self) -> bool:
-        return "+" in self.device
+    @model_validator(mode="before")
+    @classmethod
+    def _lent_device(cls, data):
+        """Schema 2 wrote a lent pass's device as "cpu:0+cpu:1"."""
+        if isinstance(data, dict) and "+" in str(data.get("device", "")):
+            return {**data, "device": data["device"].split("+")[0], "lent": True}
+        return data
 
 
 class DraftProposed(_Event):

@@ -11,6 +11,19 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from amusd_viz.bound import best_for
+from amusd_viz.events import (
+    BranchStep,
+    CacheVerdict,
+    DraftProposed,
+    Error,
+    Forward,
+    Rollback,
+    RunFinished,
+    RunStarted,
+    TokenCommitted,
+    VerifyResult,
+    WorkerLost,
+)
 
 
 @dataclass
@@ -117,60 +130,62 @@ class _Tally:
         self.separate_devices = False
 
     def add(self, e) -> None:
-        s, kind = self.s, e.type
-        if kind == "run_started":
-            s.strategy = e.strategy
-            self.lookahead = e.lookahead
-            self.separate_devices = bool(e.draft_device) and e.draft_device != e.target_device
-        elif kind == "forward":
-            self.spans.setdefault((e.role, e.home), []).append((e.t, e.t + e.dur))
-            s.lent_passes += e.lent
-            if e.phase in ("verify", "decode", "draft", "branch"):  # model work, not a lookup
-                self.pass_times[e.role].append(e.dur)
-            if e.phase == "prefill" and (self.first_prefill is None or e.t < self.first_prefill):
-                self.first_prefill = e.t
-        elif kind == "draft_proposed":
-            s.draft_tokens += 1
-            s.guessed_drafts += bool(getattr(e, "guessed", False))
-        elif kind == "verify_result":
-            self.add_verify(e)
-        elif kind == "branch_step":
-            s.branch_tokens += 1
-        elif kind == "cache_verdict":
-            if e.hit:
+        s = self.s
+        match e:
+            case RunStarted():
+                s.strategy = e.strategy
+                self.lookahead = e.lookahead
+                self.separate_devices = bool(e.draft_device) and e.draft_device != e.target_device
+            case Forward():
+                self.add_forward(e)
+            case DraftProposed():
+                s.draft_tokens += 1
+                s.guessed_drafts += e.guessed
+            case VerifyResult():
+                self.add_verify(e)
+            case BranchStep():
+                s.branch_tokens += 1
+            case CacheVerdict(hit=True):
                 s.cache_hits += 1
                 self.handed += e.handed
-            else:
+            case CacheVerdict():
                 s.cache_misses += 1
-        elif kind == "rollback":
-            s.rollbacks += 1
-            s.wasted_draft_tokens += len(e.discarded)
-        elif kind == "token_committed":
-            s.new_tokens = max(s.new_tokens, e.pos + 1)
-            s.how[e.how] = s.how.get(e.how, 0) + 1
-        elif kind == "worker_lost":
-            s.workers_lost.append(e.role)
-        elif kind == "error":
-            s.errors.append(e.message)
-        elif kind == "run_finished":
-            s.wall_s = e.wall_s
-            self.start_t = getattr(e, "started_at", None)
-            self.end_t = e.t
+            case Rollback():
+                s.rollbacks += 1
+                s.wasted_draft_tokens += len(e.discarded)
+            case TokenCommitted():
+                s.new_tokens = max(s.new_tokens, e.pos + 1)
+                s.how[e.how] = s.how.get(e.how, 0) + 1
+            case WorkerLost():
+                s.workers_lost.append(e.role)
+            case Error():
+                s.errors.append(e.message)
+            case RunFinished():
+                s.wall_s = e.wall_s
+                self.start_t, self.end_t = e.started_at, e.t
 
-    def add_verify(self, e) -> None:
+    def add_forward(self, e: Forward) -> None:
+        self.spans.setdefault((e.role, e.device), []).append((e.t, e.t + e.dur))
+        self.s.lent_passes += e.lent
+        if e.phase in ("verify", "decode", "draft", "branch"):  # model work, not a lookup
+            self.pass_times[e.role].append(e.dur)
+        if e.phase == "prefill" and (self.first_prefill is None or e.t < self.first_prefill):
+            self.first_prefill = e.t
+
+    def add_verify(self, e: VerifyResult) -> None:
         s = self.s
         self.committed_per_pass.append(len(e.committed))
         s.target_passes += 1
-        s.cached_passes += bool(getattr(e, "from_cache", False))
-        if getattr(e, "tree_root", None) is not None:
+        s.cached_passes += e.from_cache
+        if e.tree_root is not None:
             s.tree_hits += 1
             s.tree_tokens += max(0, len(e.committed) - e.accepted - 1)
-        s.confidence_stops += getattr(e, "draft_stop", None) == "confidence"
+        s.confidence_stops += e.draft_stop == "confidence"
         if not e.proposed:
             s.solo_passes += 1
             return
         s.verify_passes += 1
-        self.overlaps.extend(getattr(e, "overlap", []))
+        self.overlaps.extend(e.overlap)
         self.proposed += len(e.proposed)
         self.accepted += e.accepted
         self.checked += min(len(e.proposed), e.accepted + 1)

@@ -4,9 +4,9 @@ times with seeds, against the target's exact distribution (sampling_cases.py has
 - `Case`: a prompt, sampling settings and a token budget long enough that an accepted draft is
   followed by another judged one; the first `outcome` tokens are compared.
 - `run_sync` / `run_amusd`: the loops in this process (amusd's two loops in two threads over a
-  real SharedState; the shared state decides the schedule: `PacedShared` only slows the
-  target by a fixed time after each commit, so timing selection can show; `SlowTarget` makes
-  each target pass longer; one device; lending). `watch_visibility` checks that a draft is
+  real SharedState and the plan's schedule, `make_link`: `PacedShared` only slows the target by
+  a fixed time after each commit, so timing selection can show; `SlowTarget` makes each target
+  pass longer; one device; lending). `watch_visibility` checks that a draft is
   published before the draft chooses the next step of its pass.
 - `Paths`: counts, from the events, how many judged tokens came through each path, so a test
   cannot pass by not taking its path.
@@ -24,10 +24,13 @@ from dataclasses import dataclass, field
 import torch
 
 from amusd_viz.config import SamplingParams
-from amusd_viz.engine import amusd_draft
-from amusd_viz.engine.amusd_draft import amusd_draft_loop
-from amusd_viz.engine.loops import Request, amusd_target_loop, sync_loop
+from amusd_viz.engine.loops import amusd_draft_loop, amusd_target_loop, sync_loop
+from amusd_viz.engine.passes import Drafter, Verifier
+from amusd_viz.engine.plan import Plan, resolve
+from amusd_viz.engine.policies import schedule_for
+from amusd_viz.engine.request import Request
 from amusd_viz.engine.sampling import processed
+from amusd_viz.engine.schedule import Concurrent
 from amusd_viz.engine.shared import SharedState
 
 
@@ -44,10 +47,19 @@ class Case:
     def params(self, seed: int = 0, rule: str = "rejection") -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, seed, rule)
 
-    def request(self, seed: int, rule: str = "rejection", **flags) -> Request:
-        flags = {"adaptive": False, "spec_cache": False, "tree": False, "lookup": False, **flags}
+    def request(self, seed: int, rule: str = "rejection", plan: Plan | None = None) -> Request:
+        plan = plan or Plan()
         return Request(list(self.prompt), self.max_new, self.lookahead, frozenset(), 0,
-                       sampling=self.params(seed, rule), **flags)
+                       max_ahead=plan.max_ahead(self.lookahead), sampling=self.params(seed, rule),
+                       plan=plan)
+
+
+def plan_of(strategy: str, shared_device: bool = False, loan_core: int | None = None,
+            **flags) -> Plan:
+    """A plan with every switch off but `flags` (RunConfig's names)."""
+    off = {"adaptive": False, "spec_cache": False, "tree": False, "draft_lookup": False}
+    return resolve(strategy, **{**off, **flags}, shared_device=shared_device,
+                   loan_core=loan_core)
 
 
 def exact_distribution(target, case: Case) -> dict[tuple[int, ...], float]:
@@ -79,7 +91,7 @@ class Paths:
             if e.type == "draft_proposed":
                 self._guessed[e.pos] = (e.token_id, e.guessed)
             elif e.type == "forward" and e.role == "target":
-                self._lent = "+" in e.device
+                self._lent = e.lent
             elif e.type == "verify_result":
                 self._verdict(e)
 
@@ -105,7 +117,7 @@ def run_sync(target, draft, case: Case, seed: int, paths: Paths | None = None,
     emit = paths or (lambda e: None)
     if paths is not None:
         paths.reset_run()
-    out = sync_loop(case.request(seed, rule, **flags), target, draft, "cpu", emit)
+    out = sync_loop(case.request(seed, rule, plan_of("sync", **flags)), target, draft, "cpu", emit)
     return tuple(out.token_ids[:case.outcome])
 
 
@@ -132,65 +144,76 @@ def watch_visibility(monkeypatch, shared: SharedState) -> Counter:
     """Check, each time amusd's draft is about to choose a step that is not its pass's first
     (only after a lookup guess held), that every draft it chose before in that pass is already
     published: counts `later steps` and `hidden` (a chosen draft the target could not see)."""
-    from amusd_viz.engine import loops
     from amusd_viz.engine.shared import DRAFTS_LEN
 
-    original_step, original_steps = loops._step, amusd_draft.draft_steps
+    original_step, original_steps = Drafter._step, Drafter.steps
     seen, in_pass = Counter(), threading.local()
 
-    def step(*args, **kwargs):
+    def step(self, *args, **kwargs):
         line = getattr(in_pass, "line", None)
         if line is not None:
             if in_pass.steps:
                 seen["later steps"] += 1
-                published = int(shared._view(shared._meta)[DRAFTS_LEN])
+                published = int(shared.meta[DRAFTS_LEN])
                 seen["hidden"] += max(0, line + in_pass.steps - published)
             in_pass.steps += 1
-        return original_step(*args, **kwargs)
+        return original_step(self, *args, **kwargs)
 
-    def steps(req, draft, seq, *args, **kwargs):
+    def steps(self, seq, *args, **kwargs):
+        if kwargs.get("phase") == "branch":  # the main line's passes only
+            return original_steps(self, seq, *args, **kwargs)
         in_pass.line, in_pass.steps = len(seq), 0
         try:
-            return original_steps(req, draft, seq, *args, **kwargs)
+            return original_steps(self, seq, *args, **kwargs)
         finally:
             in_pass.line = None
 
-    monkeypatch.setattr(loops, "_step", step)
-    monkeypatch.setattr(amusd_draft, "draft_steps", steps)
+    monkeypatch.setattr(Drafter, "_step", step)
+    monkeypatch.setattr(Drafter, "steps", steps)
     return seen
 
 
-def make_shared(kind: str, vocab: int) -> SharedState:
+@dataclass
+class Link:
+    """What amusd's two loops share: the state, the plan's schedule, and the plan."""
+
+    shared: SharedState
+    schedule: Concurrent
+    plan: Plan
+
+
+def make_link(kind: str, vocab: int, **flags) -> Link:
     """"paced", "one-device" (the baton), "lend" (paced, the target may borrow the resting
-    draft's core), "free" (nothing paces the target: use a SlowTarget)."""
-    if kind == "one-device":
-        return SharedState(_ctx(), 256, one_device=True, vocab=vocab)
-    if kind == "free":  # with a SlowTarget: the schedule is the two loops' own
-        return SharedState(_ctx(), 256, vocab=vocab)
-    return PacedShared(_ctx(), 256, vocab=vocab, loan_core=1 if kind == "lend" else None)
+    draft's core), "free" (nothing paces the target: use a SlowTarget); `flags` as plan_of."""
+    one, core = kind == "one-device", 1 if kind == "lend" else None
+    plan = plan_of("amusd", shared_device=one, loan_core=core, **flags)
+    shared = (SharedState(_ctx(), 256, vocab=vocab) if kind in ("one-device", "free")
+              else PacedShared(_ctx(), 256, vocab=vocab))
+    return Link(shared, schedule_for(plan, _ctx(), shared), plan)
 
 
-def run_amusd(target, draft, case: Case, seed: int, shared: SharedState,
-              paths: Paths | None = None, rule: str = "rejection", **flags) -> tuple[int, ...]:
-    req = dataclasses.replace(case.request(seed, rule, **flags), max_ahead=2 * case.lookahead)
+def run_amusd(target, draft, case: Case, seed: int, link: Link,
+              paths: Paths | None = None, rule: str = "rejection") -> tuple[int, ...]:
+    req = case.request(seed, rule, link.plan)
     emit = paths or (lambda e: None)
     if paths is not None:
         paths.reset_run()
-    shared.reset()
-    shared.set_draft_alive(True)
+    link.shared.reset()
+    link.schedule.reset()
+    link.shared.set_draft_alive(True)
     failed: list[BaseException] = []
 
     def draft_side():
         try:
-            amusd_draft_loop(req, draft, "cpu", shared, emit)
+            amusd_draft_loop(req, draft, "cpu", link.shared, link.schedule, emit)
         except BaseException as exc:  # surfaced below: a draft that raised must fail the test
             failed.append(exc)
-            shared.set_draft_alive(False)
+            link.shared.set_draft_alive(False)
 
     worker = threading.Thread(target=draft_side)
     worker.start()
     try:
-        out = amusd_target_loop(req, target, "cpu", shared, emit)
+        out = amusd_target_loop(req, target, "cpu", link.shared, link.schedule, emit)
     finally:
         worker.join(10)
     if failed:
@@ -261,88 +284,70 @@ class _RowsAhead:
         return (torch.cat([logits[1:], logits[-1:]]), *rest)
 
 
+def _rows_ahead_when(monkeypatch, flag: str) -> None:
+    """Target passes whose `check` is called with `flag` (cached, lent) judge each draft
+    against the target's row after it."""
+    original = Verifier.check
+
+    def check(self, *args, **kwargs):
+        if not kwargs.get(flag):
+            return original(self, *args, **kwargs)
+        target, self.target = self.target, _RowsAhead(self.target)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self.target = target
+
+    monkeypatch.setattr(Verifier, "check", check)
+
+
 def cached_rows_off_by_one(monkeypatch) -> None:
     """A pass over drafts read from the speculation cache's branch table judges each against
     the target's row after it (an off-by-one where the cached drafts start)."""
-    from amusd_viz.engine import loops
-
-    original = loops.verify
-
-    def verify(req, c, target, *args, **kwargs):
-        if kwargs.get("cached"):
-            target = _RowsAhead(target)
-        return original(req, c, target, *args, **kwargs)
-
-    monkeypatch.setattr(loops, "verify", verify)
+    _rows_ahead_when(monkeypatch, "cached")
 
 
 def any_path_goes_on(monkeypatch) -> None:
     """A tree pass goes on along any bet at the rejected draft, not only the target's pick."""
-    from amusd_viz.engine import loops
+    from amusd_viz.engine import passes
 
-    monkeypatch.setattr(loops, "_goes_on", lambda path, anchor, pick: path.anchor == anchor)
+    monkeypatch.setattr(passes, "_goes_on", lambda path, anchor, pick: path.anchor == anchor)
+
+
+def _hold_steps(monkeypatch, keep) -> None:
+    """Draft passes whose `on_step` calls wait for the pass's end; `keep(steps, phase)` False
+    withholds the pass's drafts altogether."""
+    original = Drafter.steps
+
+    def steps(self, *args, on_step=None, **kwargs):
+        held: list = []
+        out = original(self, *args, on_step=lambda i, s: held.append((i, s)), **kwargs)
+        if not keep(out, kwargs.get("phase")):
+            return []
+        for i, s in held:
+            if on_step is not None:
+                on_step(i, s)
+        return out
+
+    monkeypatch.setattr(Drafter, "steps", steps)
 
 
 def publish_after_pass(monkeypatch) -> None:
     """The bug this file was written for: a pass's drafts published together at its end, so
     a draft that matched its lookup guess waits for the next step before the target sees it."""
-    original = amusd_draft.draft_steps
-
-    def draft_steps(*args, on_step=None, **kwargs):
-        held: list = []
-        steps = original(*args, on_step=lambda i, s: held.append((i, s)), **kwargs)
-        for i, s in held:
-            on_step(i, s)
-        return steps
-
-    monkeypatch.setattr(amusd_draft, "draft_steps", draft_steps)
+    _hold_steps(monkeypatch, lambda steps, phase: True)
 
 
 def withhold_sure(monkeypatch, above: float = 0.4) -> None:
     """A length policy that looks at the draft it is about to stop before: a pass whose draft
     is sure (q(x) at least `above`) is withheld, as if the drafting had stopped before it."""
-    from amusd_viz.engine import loops
-
-    def wrap(original):
-        def draft_steps(*args, on_step=None, **kwargs):
-            steps = original(*args, **kwargs)
-            phase = kwargs.get("phase", args[7] if len(args) > 7 else None)
-            if steps and steps[0].conf >= above and phase != "branch":
-                return []
-            for i, s in enumerate(steps):
-                if on_step is not None:
-                    on_step(i, s)
-            return steps
-        return draft_steps
-
-    monkeypatch.setattr(loops, "draft_steps", wrap(loops.draft_steps))
-    monkeypatch.setattr(amusd_draft, "draft_steps", wrap(amusd_draft.draft_steps))
+    _hold_steps(monkeypatch, lambda steps, phase: not (steps and steps[0].conf >= above
+                                                       and phase != "branch"))
 
 
 def lent_rows_off_by_one(monkeypatch) -> None:
     """A pass on the borrowed core judges each draft against the target's row after it."""
-    import contextlib
-
-    from amusd_viz.engine import loops
-
-    original_borrowed, original_verify, lent = loops.borrowed, loops.verify, threading.local()
-
-    @contextlib.contextmanager
-    def borrowed(loan, seen):
-        with original_borrowed(loan, seen) as on:
-            lent.on = on
-            try:
-                yield on
-            finally:
-                lent.on = False
-
-    def verify(req, c, target, *args, **kwargs):
-        if getattr(lent, "on", False):
-            target = _RowsAhead(target)
-        return original_verify(req, c, target, *args, **kwargs)
-
-    monkeypatch.setattr(loops, "borrowed", borrowed)
-    monkeypatch.setattr(loops, "verify", verify)
+    _rows_ahead_when(monkeypatch, "lent")
 
 
 def q_before_processing(monkeypatch) -> None:

@@ -13,7 +13,8 @@ import torch
 
 from amusd_viz.config import SamplingParams
 from amusd_viz.engine import sampling
-from amusd_viz.engine.loops import Request, sync_loop
+from amusd_viz.engine.loops import sync_loop
+from amusd_viz.engine.request import Request
 from amusd_viz.engine.sampling import gumbel_argmax, processed
 
 FAILURE_PROBABILITY = 1e-6

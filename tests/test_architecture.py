@@ -1,5 +1,7 @@
 """The package's layers, read from its source (ast, imports inside functions included): no import
-cycle, no forbidden edge (docs/architecture.md, "Layers"), no function longer than 60 lines."""
+cycle, no forbidden edge (docs/architecture.md, "Layers"), no function longer than 60 lines; in
+the engine, no function over 40 lines, no module over 300, and the user's speed switches read
+only by the plan (engine/plan.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ HEAVY = {"torch", "transformers", "textual"}
 LIGHT = ("amusd_viz.config", "amusd_viz.events", "amusd_viz.eventlog", "amusd_viz.stats",
          "amusd_viz.trace", "amusd_viz.summary")
 MAX_FUNCTION_LINES = 60
+MAX_ENGINE_FUNCTION_LINES = 40
+MAX_ENGINE_MODULE_LINES = 300
+# the user's switches (RunConfig's and EngineConfig's names); a loop or policy reads the plan
+SWITCHES = {"adaptive", "spec_cache", "siblings", "tree", "draft_lookup", "lend_core", "lookup",
+            "lend", "wait_steps"}
 
 
 def module_name(path: Path) -> str:
@@ -137,3 +144,52 @@ def test_no_function_is_longer_than_60_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert long == []
+
+
+def engine_modules() -> dict[str, ast.Module]:
+    return {name: tree for name, tree in modules().items() if name.startswith("amusd_viz.engine")}
+
+
+def long_functions(trees: dict[str, ast.Module], limit: int) -> list[str]:
+    return [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for name, tree in trees.items() for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > limit]
+
+
+def test_no_engine_function_is_longer_than_40_lines():
+    assert long_functions(engine_modules(), MAX_ENGINE_FUNCTION_LINES) == []
+
+
+def test_no_engine_module_is_longer_than_300_lines():
+    sizes = {name: len((PACKAGE.parent / (name.replace(".", "/") + ".py")).read_text()
+                       .splitlines()) for name in engine_modules() if name != "amusd_viz.engine"}
+    assert {name: n for name, n in sizes.items() if n > MAX_ENGINE_MODULE_LINES} == {}
+
+
+def switch_reads(tree: ast.Module) -> list[str]:
+    """`x.adaptive` and the like, loaded anywhere in a module (a field's definition is not a
+    read), and getattr(x, "adaptive")."""
+    out = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr in SWITCHES
+                and isinstance(node.ctx, ast.Load)):
+            out.append(f"line {node.lineno}: .{node.attr}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id == "getattr" and len(node.args) > 1
+              and isinstance(node.args[1], ast.Constant) and node.args[1].value in SWITCHES):
+            out.append(f"line {node.lineno}: getattr {node.args[1].value}")
+    return out
+
+
+def test_only_the_plan_reads_the_users_speed_switches():
+    found = {name: reads for name, tree in engine_modules().items()
+             if name != "amusd_viz.engine.plan" and (reads := switch_reads(tree))}
+    assert found == {}
+
+
+def test_the_switch_finder_finds_reads():
+    assert switch_reads(ast.parse("x = cfg.adaptive and req.lookup")) == [
+        "line 1: .adaptive", "line 1: .lookup"]
+    assert switch_reads(ast.parse("getattr(cfg, 'tree')")) == ["line 1: getattr tree"]
+    assert switch_reads(ast.parse("class A:\n    adaptive: bool = True\nA().adaptive = 1")) == []

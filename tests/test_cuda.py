@@ -91,20 +91,20 @@ def test_amusd_on_two_gpus(tiny_models):
 def test_a_verify_pass_synchronises_a_few_times_not_per_row(tiny_models):
     """argmax, the top-k of every row and the finite check: one host copy each, whatever the
     number of drafts (before: 1 + 2(k+1) per pass)."""
-    from amusd_viz.engine.loops import Committer, Request, sampler_for, verify
+    from amusd_viz.engine.passes import Verifier
+    from amusd_viz.engine.request import Request
     from amusd_viz.engine.worker import _load
 
     target = _load(str(tiny_models["target"]), "float32", "cuda:0", pack=False)
     req = Request([5, 6, 7], 20, 8, frozenset(), 0)
     target.begin()
-    committer = Committer(req, target, lambda e: None)
-    sampler = sampler_for(req, target)
-    target.forward(committer.seq, 1)
+    verifier = Verifier(req, target, "cuda:0", lambda e: None)
+    target.forward(verifier.c.seq, 1)
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            verify(req, committer, target, "cuda:0", [9] * 8, lambda e: None, sampler)
+            verifier.check([9] * 8)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]

@@ -180,9 +180,9 @@ def test_non_finite_logits_fail_the_pass_with_a_clear_error(runner, monkeypatch)
 
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])
 def test_warm_up_runs_every_shape_a_run_uses(runner, monkeypatch, device):
-    """On a GPU every pass size up to loops.TREE_TOKENS (each loads kernels of its own the first
+    """On a GPU every pass size up to passes.TREE_TOKENS (each loads kernels of its own the first
     time); the passes run on this CPU, the runner only says it is on `device`."""
-    from amusd_viz.engine.loops import TREE_TOKENS
+    from amusd_viz.engine.passes import TREE_TOKENS
     from amusd_viz.engine.worker import warm_up
 
     calls = []

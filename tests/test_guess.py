@@ -62,11 +62,13 @@ def sharp_pair(tiny_models, tmp_path_factory):
 
 
 def _sync(pair, sampling, lookup: bool, prompt):
-    from amusd_viz.engine.loops import Request, sync_loop
+    from amusd_viz.engine.loops import sync_loop
+    from amusd_viz.engine.plan import resolve
+    from amusd_viz.engine.request import Request
 
     events: list = []
-    req = Request(list(prompt), 40, 4, frozenset(), 0, sampling=sampling, lookup=lookup,
-                  adaptive=False)
+    req = Request(list(prompt), 40, 4, frozenset(), 0, sampling=sampling,
+                  plan=resolve("sync", draft_lookup=lookup, adaptive=False))
     out = sync_loop(req, *pair, "cpu", events.append)
     proposals = [(e.pos, e.token_id, e.q) for e in events if e.type == "draft_proposed"]
     guessed = sum(e.type == "draft_proposed" and e.guessed for e in events)

@@ -62,8 +62,8 @@ def test_the_timeline_shows_a_lent_pass_on_the_draft_lane_too():
     state.ingest(RunStarted(t=0.0, strategy="amusd", draft="d", target="t", draft_device="cpu:1",
                            target_device="cpu:0", prompt_tokens=3, dtype="float32",
                            lookahead=4, max_new_tokens=8, prompt="p"))
-    state.ingest(Forward(t=1.0, role="target", device="cpu:0+cpu:1", dur=0.2, phase="verify",
-                        n_tokens=3))
+    state.ingest(Forward(t=1.0, role="target", device="cpu:0", dur=0.2, phase="verify",
+                        n_tokens=3, lent=True))
     state.ingest(Forward(t=1.3, role="target", device="cpu:0", dur=0.3, phase="decode",
                         n_tokens=1))
     assert state.lanes["target"].device == "cpu:0"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import lossless_paths as lp
 import pytest
 import torch
-from lossless_paths import Case, Paths, SlowTarget, exact_distribution, make_shared, run_amusd, run_sync
+from lossless_paths import Case, Paths, SlowTarget, exact_distribution, make_link, run_amusd, run_sync
 from sampling_cases import tv, tv_bound
 
 # (18 19 54 78 18 19 54): after the target's first token 78 (its likeliest), the text's tail
@@ -34,13 +34,13 @@ from sampling_cases import tv, tv_bound
 # until the pass's next step, the first tokens would move by TV ≈ 0.1 (found by a search over
 # prompts of this shape with the seeded tiny models of conftest.py and this module).
 REPEATING = (18, 19, 54, 78, 18, 19, 54)
-SYNC_FLAGS = {"adaptive": True, "tree": True, "lookup": True}
-AMUSD_FLAGS = {"adaptive": True, "spec_cache": True, "tree": True, "lookup": True}
+SYNC_FLAGS = {"adaptive": True, "tree": True, "draft_lookup": True}
+AMUSD_FLAGS = {"adaptive": True, "spec_cache": True, "tree": True, "draft_lookup": True}
 
 
 @dataclass(frozen=True)
 class Variant:
-    schedule: str  # "sync", or make_shared's kind for amusd
+    schedule: str  # "sync", or make_link's kind for amusd
     draft: str  # "far" (independent weights), "medium" (agrees about half the time), "near"
     case: Case
     draws: int
@@ -118,10 +118,10 @@ def outcomes(runners, variant: Variant, draws: int,
     if variant.schedule == "sync":
         return [run_sync(target, draft, variant.case, seed, paths, rule, **variant.flags)
                 for seed in range(draws)], paths
-    shared = make_shared(variant.schedule, target.vocab)
+    link = make_link(variant.schedule, target.vocab, **variant.flags)
     if variant.slow_s:
         target = SlowTarget(target, variant.slow_s)
-    return [run_amusd(target, draft, variant.case, seed, shared, paths, rule, **variant.flags)
+    return [run_amusd(target, draft, variant.case, seed, link, paths, rule)
             for seed in range(draws)], paths
 
 
@@ -167,11 +167,11 @@ def test_a_draft_is_visible_before_its_pass_chooses_the_next(runners, monkeypatc
     target, drafts = runners
     if mutation:
         getattr(lp, mutation)(monkeypatch)
-    shared = make_shared("free", target.vocab)
-    seen = lp.watch_visibility(monkeypatch, shared)
+    link = make_link("free", target.vocab, **AMUSD_FLAGS)
+    seen = lp.watch_visibility(monkeypatch, link.shared)
     for seed in range(150):
         run_amusd(SlowTarget(target, 0.002), drafts["near"], Case(REPEATING, max_new=12), seed,
-                  shared, **AMUSD_FLAGS)
+                  link)
     assert seen["later steps"] >= 50, seen  # guesses held: the path was taken
     if mutation:
         assert seen["hidden"] >= seen["later steps"], seen

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from amusd_viz.engine import sampling
-from amusd_viz.engine.loops import Request, ar_loop, sync_loop
+from amusd_viz.engine.loops import ar_loop, sync_loop
+from amusd_viz.engine.plan import resolve
+from amusd_viz.engine.request import Request
 from amusd_viz.engine.runner import Runner
 
 PROMPTS = ([11, 12, 13], [40, 41], [5, 6, 7, 8, 9], [70])
@@ -28,7 +30,8 @@ def identical_everywhere(target, draft, tree: bool) -> bool:
     caught too: with bets beside the drafts, the tree attention mask no longer fits a KV cache
     that a bug left one token off, and the pass fails loudly."""
     for prompt in PROMPTS:
-        req = Request(prompt, 24, 4, frozenset(), 0, tree=tree)
+        req = Request(prompt, 24, 4, frozenset(), 0,
+                      plan=resolve("sync", adaptive=False, tree=tree, draft_lookup=False))
         ar = ar_loop(req, target, "cpu", lambda e: None).token_ids
         try:
             sync = sync_loop(req, target, draft, "cpu", lambda e: None).token_ids

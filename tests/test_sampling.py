@@ -139,9 +139,10 @@ def test_coupled_sampling_gives_ar_ids_for_the_same_seed(sampling_engines, promp
         commits = [e for e in sink.events if e.type == "token_committed"]
         assert [e.token_id for e in commits] == gen.token_ids
         verified = [e for e in sink.events if e.type == "verify_result" and e.proposed]
-        if max_new >= 10 and draft != "draft_far":  # the rule was exercised
-            # (amusd with a draft that is always wrong finds every draft stale after the
-            # target's own correction: a solo pass, the case the speculation-cache issue is about)
+        if max_new >= 10 and draft != "draft_far" and strategy == "sync":  # the rule was used
+            # (amusd's drafts reach the target by timing: a tiny draft that rests at once may
+            # publish each draft just after the target read, so every pass is solo. Its passes
+            # under this rule are counted per path in test_lossless_paths.py instead.)
             assert verified, strategy
         for e in verified:
             checked = min(len(e.proposed), e.accepted + 1)

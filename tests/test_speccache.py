@@ -1,5 +1,5 @@
-"""amusd's speculation cache and the adaptive draft length (engine/speccache.py,
-loops.DraftBudget): the shared branch table and the choices by hand, then the real engine on
+"""amusd's speculation cache, the draft's choices and the adaptive draft length
+(engine/speccache.py, engine/planner.py, length.DraftBudget): the shared branch table and the choices by hand, then the real engine on
 tiny float32 models, where the cache must be exercised (hits, passes fed from a branch) and the
 output must still be exactly the target's own: greedy, and coupled sampling for a seed.
 The rejection rule's distribution with the cache is in test_sampling.py."""
@@ -11,10 +11,15 @@ import multiprocessing as mp
 import pytest
 
 from amusd_viz.config import SamplingParams
-from amusd_viz.engine.loops import DraftBudget, Request, Step
+from amusd_viz.engine.bets import BranchBets
+from amusd_viz.engine.length import DraftBudget
+from amusd_viz.engine.loops import adopt
+from amusd_viz.engine.passes import Drafter, Step
+from amusd_viz.engine.planner import EXTEND, MIN_VALUE, Planner
+from amusd_viz.engine.request import Request
 from amusd_viz.engine.session import Engine, EngineConfig
 from amusd_viz.engine.shared import SharedState, prefix_hash
-from amusd_viz.engine.speccache import EXTEND, MIN_VALUE, Branch, Planner
+from amusd_viz.engine.speccache import Branch, BranchCache, NoCache
 from amusd_viz.events import BranchStep, CacheVerdict, EventList, Forward, RunFinished, VerifyResult
 from amusd_viz.stats import compute
 
@@ -36,19 +41,19 @@ PROMPT = [50, 51, 52]
 def test_a_branch_is_read_only_when_the_target_committed_its_bet(shared):
     main = [*PROMPT, 7, 8]  # generated 7, 8; the branch bets on 30 at position 1
     shared.publish_branch(2, prefix_hash(main[:4]), 1, 30, [31, 32, 33])
-    assert shared.read_branch_drafts([*PROMPT, 7, 30], 3, 8) == ([31, 32, 33], [])
-    assert shared.read_branch_drafts([*PROMPT, 7, 30], 3, 2) == ([31, 32], [])  # the limit
-    assert shared.read_branch_drafts([*PROMPT, 7, 30, 31], 3, 8) == ([32, 33], [])  # past one
-    assert shared.read_branch_drafts([*PROMPT, 7, 8], 3, 8) == ([], [])  # the draft was right
-    assert shared.read_branch_drafts([*PROMPT, 7, 29], 3, 8) == ([], [])  # another token
-    assert shared.read_branch_drafts([*PROMPT, 6, 30], 3, 8) == ([], [])  # another prefix
-    assert shared.read_branch_drafts([*PROMPT, 7, 30, 40], 3, 8) == ([], [])  # parted since
-    assert shared.read_branch_drafts([*PROMPT, 7], 3, 8) == ([], [])  # not decided yet
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 7, 30], 8) == ([31, 32, 33], [])
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 7, 30], 2) == ([31, 32], [])  # the limit
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 7, 30, 31], 8) == ([32, 33], [])  # past one
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 7, 8], 8) == ([], [])  # the draft was right
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 7, 29], 8) == ([], [])  # another token
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 6, 30], 8) == ([], [])  # another prefix
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 7, 30, 40], 8) == ([], [])  # parted since
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 7], 8) == ([], [])  # not decided yet
     shared.set_draft_alive(False)
-    assert shared.read_branch_drafts([*PROMPT, 7, 30], 3, 8) == ([], [])
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 7, 30], 8) == ([], [])
     shared.set_draft_alive(True)
     shared.clear_branch(2)
-    assert shared.read_branch_drafts([*PROMPT, 7, 30], 3, 8) == ([], [])
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 7, 30], 8) == ([], [])
 
 
 def test_a_tree_pass_checks_the_branches_and_bets_that_leave_its_line(shared):
@@ -65,18 +70,18 @@ def test_a_tree_pass_checks_the_branches_and_bets_that_leave_its_line(shared):
     shared.write_alts(4, [30, 8, 33])  # beside the 8: 30 and 33 (8 is the draft itself)
     shared.write_alts(5, [40, 43])  # beside the 9: 40 is the branch's bet already
     shared.write_alts(6, [50])
-    paths = shared.read_tree_paths(committed, 3, drafts, 12)
+    paths = BranchBets(shared, 3).paths(committed, drafts, 12)
     assert paths == [TreePath(4, 30, [], []), TreePath(5, 40, [41, 42], []),
                      TreePath(4, 33, [], []), TreePath(5, 43, [], []), TreePath(6, 50, [], [])]
     # the budget: whole bets in that order, the last one's drafts cut to fit
-    assert shared.read_tree_paths(committed, 3, drafts, 3) == [TreePath(4, 30, [], []),
-                                                               TreePath(5, 40, [41], [])]
-    assert shared.read_tree_paths(committed, 3, [], 12) == []  # a solo pass checks nothing
+    assert BranchBets(shared, 3).paths(committed, drafts, 3) == [TreePath(4, 30, [], []),
+                                                                 TreePath(5, 40, [41], [])]
+    assert BranchBets(shared, 3).paths(committed, [], 12) == []  # a solo pass checks nothing
     shared.set_draft_alive(False)
-    assert shared.read_tree_paths(committed, 3, drafts, 12) == []
+    assert BranchBets(shared, 3).paths(committed, drafts, 12) == []
     shared.set_draft_alive(True)
     shared.reset()  # a new run: no bets left from this one
-    assert shared.read_tree_paths(committed, 3, drafts, 12) == []
+    assert BranchBets(shared, 3).paths(committed, drafts, 12) == []
 
 
 def test_sampled_branch_drafts_come_with_the_q_they_were_drawn_from():
@@ -89,18 +94,18 @@ def test_sampled_branch_drafts_come_with_the_q_they_were_drawn_from():
     hashed = prefix_hash([*PROMPT, 7])
     state.publish_branch(1, hashed, 1, 30, [2], rows[0])  # one draft at a time, as drafted
     state.publish_branch(1, hashed, 1, 30, [2, 0], rows[1])
-    drafts, q = state.read_branch_drafts([*PROMPT, 7, 30], 3, 8)
+    drafts, q = BranchCache(state, 3, True).confirmed_drafts([*PROMPT, 7, 30], 8)
     assert drafts == [2, 0] and [r.tolist() for r in q] == [pytest.approx(r.tolist()) for r in rows]
-    drafts, q = state.read_branch_drafts([*PROMPT, 7, 30, 2], 3, 8)  # the first one judged
+    drafts, q = BranchCache(state, 3, True).confirmed_drafts([*PROMPT, 7, 30, 2], 8)  # the first one judged
     assert drafts == [0] and q[0].tolist() == pytest.approx(rows[1].tolist())
 
 
 def test_a_new_run_starts_with_an_empty_table(shared):
     shared.publish_branch(0, prefix_hash(PROMPT), 0, 30, [31])
-    assert shared.read_branch_drafts([*PROMPT, 30], 3, 8) == ([31], [])
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 30], 8) == ([31], [])
     shared.reset()
     shared.set_draft_alive(True)
-    assert shared.read_branch_drafts([*PROMPT, 30], 3, 8) == ([], [])
+    assert BranchCache(shared, 3, True).confirmed_drafts([*PROMPT, 30], 8) == ([], [])
 
 
 # the draft's choices, by hand ----------------------------------------------------------------
@@ -137,8 +142,10 @@ def step(token: int, conf: float, alt: int, alt_p: float) -> Step:
 
 def planner(cache=True, adaptive=True) -> Planner:
     req = Request(list(PROMPT), 64, 4, frozenset(), 0)
-    return Planner(req, FakeRunner(), None, "cpu:1", lambda e: None, FakeShared(), cache,
-                   adaptive)
+    shared = FakeShared()
+    drafter = Drafter(req, FakeRunner(), None, "cpu:1", lambda e: None)  # type: ignore[arg-type]
+    return Planner(req, drafter, shared, BranchCache(shared, len(PROMPT), True) if cache  # type: ignore[arg-type]
+                   else NoCache(), rests=adaptive)
 
 
 def test_the_draft_extends_while_its_line_is_likelier_than_any_bet():
@@ -174,42 +181,42 @@ def test_every_main_line_step_bets_on_its_runner_up_beside_it():
     grows; a hit on it needs no adoption (the next pass crops to the root and feeds it)."""
     events = []
     plan = planner()
-    plan.emit = events.append
-    plan.draft.text = str
+    plan.drafter.emit = events.append
+    plan.drafter.draft.text = str
     plan.info = {0: step(10, 0.5, 20, 0.4), 1: step(11, 0.3, 21, 0.6)}
     seq = [*PROMPT, 10, 11]
-    assert plan.sibling_for(seq, list(PROMPT)) == 21  # beside the line's last token
-    assert plan.sibling_for(seq, [*PROMPT, 10, 11]) is None  # already judged
+    assert plan.cache.sibling_for(plan, seq, list(PROMPT)) == 21  # beside the line's last token
+    assert plan.cache.sibling_for(plan, seq, [*PROMPT, 10, 11]) is None  # already judged
     FakeRunner.forks = 0
-    plan.add_sibling(seq, list(PROMPT), step(30, 0.8, 31, 0.1))
-    branch = plan.branches[0]
+    plan.cache.add_sibling(plan, seq, list(PROMPT), step(30, 0.8, 31, 0.1))
+    branch = plan.cache.branches[0]
     assert (branch.root, branch.token, branch.runner, branch.seq) == (1, 21, None,
                                                                       [*PROMPT, 10, 21, 30])
     assert branch.value == pytest.approx(0.5 * 0.7 * 0.6 / 0.7)  # survive 0, reject 1, pick 21
     assert plan.shared.table[branch.slot] == (1, 21, [30])
     assert events[-1].sibling and (events[-1].pos, events[-1].depth) == (2, 1)
-    assert plan.sibling_for(seq, list(PROMPT)) is None  # position 1 has its bet now
+    assert plan.cache.sibling_for(plan, seq, list(PROMPT)) is None  # position 1 has its bet now
     assert FakeRunner.forks == 0
     # the target rejects 11 and commits 21: the sibling's draft becomes the main line
-    new = plan.settle([*seq, 12], [*PROMPT, 10, 21])
-    assert new == [*PROMPT, 10, 21, 30] and plan.shared.drafts == new and not plan.branches
+    new = adopt(plan.req, [*seq, 12], [*PROMPT, 10, 21], plan, plan.shared, events.append)
+    assert new == [*PROMPT, 10, 21, 30] and plan.shared.drafts == new and not plan.cache.branches
     assert plan.shared.alts == {len(PROMPT) + 2: [31]}  # its runner-up: a bet for the tree
 
 
 def test_a_sibling_takes_the_weakest_slot_only_from_a_less_likely_bet():
     plan = planner()
-    plan.draft.text = str
+    plan.drafter.draft.text = str
     plan.info = {i: step(10 + i, 0.9, 20 + i, 0.05) for i in range(5)}
     plan.info[5] = step(15, 0.2, 25, 0.7)
     line = [*PROMPT, *(10 + i for i in range(6))]
     for pos in range(4):  # four weak bets fill every slot: 0.9^pos * 0.1 * 0.5 each
-        plan.add_sibling(line[:len(PROMPT) + pos + 1], list(PROMPT), step(40, 0.5, 41, 0.1))
-    plan.add_sibling(line[:len(PROMPT) + 5], list(PROMPT), step(40, 0.5, 41, 0.1))
-    assert len(plan.branches) == 4  # no slot: nothing added
-    weak = plan.sibling_for(line[:len(PROMPT) + 5], list(PROMPT))  # position 4: 0.9^4 * 0.05
-    assert weak is None and len(plan.branches) == 4  # less than the weakest, 0.9^3 * 0.05
-    assert plan.sibling_for(line, list(PROMPT)) == 25  # position 5: a likely loss, worth a slot
-    assert sorted(b.root for b in plan.branches) == [0, 1, 2]  # the weakest bet made way
+        plan.cache.add_sibling(plan, line[:len(PROMPT) + pos + 1], list(PROMPT), step(40, 0.5, 41, 0.1))
+    plan.cache.add_sibling(plan, line[:len(PROMPT) + 5], list(PROMPT), step(40, 0.5, 41, 0.1))
+    assert len(plan.cache.branches) == 4  # no slot: nothing added
+    weak = plan.cache.sibling_for(plan, line[:len(PROMPT) + 5], list(PROMPT))  # position 4: 0.9^4 * 0.05
+    assert weak is None and len(plan.cache.branches) == 4  # less than the weakest, 0.9^3 * 0.05
+    assert plan.cache.sibling_for(plan, line, list(PROMPT)) == 25  # position 5: a likely loss, worth a slot
+    assert sorted(b.root for b in plan.cache.branches) == [0, 1, 2]  # the weakest bet made way
 
 
 def test_committed_positions_are_never_bet_on_and_nothing_worth_it_means_rest():
@@ -242,7 +249,7 @@ def test_sync_drafts_while_one_more_draft_pays_for_its_step():
 
 
 def test_confidence_is_calibrated_on_the_runs_own_verdicts():
-    from amusd_viz.engine.loops import Calibration
+    from amusd_viz.engine.estimate import Calibration
 
     cal = Calibration()
     assert cal.chance(0.3) == pytest.approx(0.3)  # the prior: take the draft at its word
@@ -257,7 +264,7 @@ def test_confidence_is_calibrated_on_the_runs_own_verdicts():
     plan.observe([*PROMPT, 10, 11, 12], [*PROMPT, 10, 99])
     assert (plan.calibration.predicted, plan.calibration.accepted) == pytest.approx((2.2, 2.8))
     # ... and its bets: at the rejection its runner-up (21, a share 0.1 / 0.8) was not picked
-    bets = plan.bet_calibration
+    bets = plan.cache.bet_calibration
     assert (bets.predicted, bets.accepted) == pytest.approx((1.8 + 0.125, 1.8))
     plan.observe([*PROMPT, 10, 99, 5], [*PROMPT, 10, 99])  # nothing new judged
     assert plan.calibration.predicted == pytest.approx(2.2)

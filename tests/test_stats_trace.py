@@ -114,14 +114,20 @@ def test_acceptance_per_check_and_expected_acceptance_by_hand():
 
 
 def test_a_lent_pass_counts_on_the_targets_own_lane():
-    """A target pass on the draft's lent core (device "cpu:0+cpu:1", engine/lending.py) is the
-    target's work: busy and the trace keep it on the target's own device, stats count it lent."""
-    from amusd_viz.events import Forward
+    """A target pass on the draft's lent core (`lent`, engine/lending.py) is the target's work:
+    busy and the trace keep it on the target's own device, stats count it lent. A schema-2 log
+    wrote its device as "cpu:0+cpu:1": read the same."""
+    from amusd_viz.events import Forward, event_adapter
 
+    old = event_adapter.validate_python({"type": "forward", "t": 1.5, "role": "target",
+                                         "device": "cpu:0+cpu:1", "dur": 0.2, "phase": "verify",
+                                         "n_tokens": 3})
+    lent = Forward(t=1.5, role="target", device="cpu:0", dur=0.2, phase="verify", n_tokens=3,
+                   lent=True)
+    assert old == lent
     events = [e for e in read_log(PROSE).events if e.type != "forward" or e.role == "draft"]
     events += [Forward(t=1.0, role="target", device="cpu:0", dur=0.3, phase="decode", n_tokens=1),
-               Forward(t=1.5, role="target", device="cpu:0+cpu:1", dur=0.2, phase="verify",
-                       n_tokens=3)]
+               lent]
     s = compute(events)
     assert s.lent_passes == 1
     assert set(s.busy) == {"draft@cpu:1", "target@cpu:0"}

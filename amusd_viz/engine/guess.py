@@ -1,6 +1,6 @@
 """Lookup guesses for a draft model (staged drafting): where the text repeats an earlier stretch
 of it, guess that the draft will go on as it went on there, and let the draft check the
-guesses in the pass that drafts its next token (`loops.draft_steps`).
+guesses in the pass that drafts its next token (`passes.Drafter.steps`).
 
 The draft still chooses every token itself, from its own logits at that position: a guess only
 decides which prefix the pass also computes logits for. While the draft's choice equals the
@@ -17,6 +17,7 @@ how often guesses were right in this run.
 
 from __future__ import annotations
 
+from amusd_viz.engine.estimate import Rate
 from amusd_viz.engine.ngram import find_match
 from amusd_viz.engine.seq import common_prefix
 
@@ -27,18 +28,18 @@ WORTH = 0.25  # guess once more while the chance that every guess so far holds i
 
 class Guesser:
     """Guesses for one run, and this run's record of them (a per-guess hit rate with a prior
-    of 1/2 and a fading memory, like `loops.Calibration`). Where a lookup found a match but
+    of 1/2 and a fading memory: estimate.Rate). Where a lookup found a match but
     the record said no guess was worth feeding, its first token is still compared with what the
     draft chose, so a run whose guesses failed early can learn that they hold again."""
 
     def __init__(self, on: bool) -> None:
         self.on = on
-        self.hits, self.checked = 1.0, 2.0
+        self.record = Rate(1.0, 2.0)
         self.unfed: int | None = None  # the lookup's next token where none was fed
 
     @property
     def rate(self) -> float:
-        return self.hits / self.checked
+        return self.record.value
 
     def guesses(self, seq: list[int], room: int) -> list[int]:
         """Up to `room` tokens that followed the latest earlier occurrence of seq's tail."""
@@ -65,5 +66,4 @@ class Guesser:
             self._count(int(drafted[0] == self.unfed), 1)
 
     def _count(self, hits: int, checked: int) -> None:
-        self.hits = 0.9 * self.hits + hits
-        self.checked = 0.9 * self.checked + checked
+        self.record.add(hits, checked)

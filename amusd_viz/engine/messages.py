@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from amusd_viz.engine.loops import Outcome, Request
+from amusd_viz.engine.request import Outcome, Request
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from amusd_viz import stats
 from amusd_viz.config import EngineStrategy, RunConfig
+from amusd_viz.engine.plan import switches
 from amusd_viz.engine.seq import common_prefix
 from amusd_viz.engine.session import Engine, EngineConfig, Generation
 from amusd_viz.errors import UserError
@@ -73,10 +74,8 @@ class Prepared:
                             if strategy not in ("ar", "hf-generate") else None,
                             target_device=cfg.target_device, draft_device=cfg.draft_device,
                             dtype=cfg.dtype, stall_timeout=cfg.stall_timeout,
-                            wait_steps=cfg.wait_steps, draft_quant=cfg.draft_quant,
-                            adaptive=cfg.adaptive, spec_cache=cfg.spec_cache,
-                            siblings=cfg.siblings, tree=cfg.tree,
-                            lookup=cfg.draft_lookup, lend=cfg.lend_core,
+                            draft_quant=cfg.draft_quant,
+                            **switches(cfg),
                             preamble=self.preamble if cfg.preamble_cache else (),
                             faults={str(role): spec for role, spec in cfg.faults.items()},
                             sampling=cfg.sampling)

@@ -95,7 +95,7 @@ class Runner:
         follow it. Paths go into the same pass under a tree attention mask and leave nothing in
         the cache. On a CPU a pass of a dozen tokens costs about what one does (the weights are
         read once), so the amusd draft bets on its runner-up beside every draft (a sibling: the
-        path (index of the draft, [runner-up]), loops.draft_steps) and the target checks the
+        path (index of the draft, [runner-up]), passes.Drafter.steps) and the target checks the
         draft's branches in the pass that checks its main line (engine/speccache.py)."""
         if self.cache is None:
             self.reset()
@@ -105,19 +105,7 @@ class Runner:
         extra = [t for _, tokens in paths for t in tokens]
         tree = self._tree_inputs(keep, len(feed), paths) if paths else {}
         rows = n_logits + len(extra)
-        with self.turn():
-            start = time.perf_counter_ns()
-            out = self.model(
-                input_ids=torch.tensor([[*feed, *extra]], dtype=torch.long, device=self.device),
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=rows,
-                **tree,
-            )
-            logits = out.logits[0, -rows:].float()
-            if self.is_cuda:
-                torch.cuda.synchronize(self.device)  # stamp the end of the real work
-            end = time.perf_counter_ns()
+        logits, start, end = self._timed_pass([*feed, *extra], rows, tree)
         if extra:
             assert self.cache is not None
             self.cache.crop(-len(extra))  # the paths' keys and values: the line goes on alone
@@ -128,6 +116,17 @@ class Runner:
                 f"{self.device}: it overflows in this dtype (float16 does in Qwen2-family "
                 "models). Use --dtype bfloat16 or --dtype float32.")
         return logits, len(feed), start, end
+
+    def _timed_pass(self, ids: list[int], rows: int, tree: dict) -> tuple[torch.Tensor, int, int]:
+        """One model call on this device's turn: the last `rows` logits, start and end."""
+        with self.turn():
+            start = time.perf_counter_ns()
+            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                             cache=self.cache, use_cache=True, logits_to_keep=rows, **tree)
+            logits = out.logits[0, -rows:].float()
+            if self.is_cuda:
+                torch.cuda.synchronize(self.device)  # stamp the end of the real work
+            return logits, start, time.perf_counter_ns()
 
     def _tree_inputs(self, keep: int, n: int, paths: Sequence[tuple[int, list[int]]]) -> dict:
         """Positions and an attention mask for `n` fed tokens after `keep` cached ones, then

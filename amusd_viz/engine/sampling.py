@@ -185,25 +185,9 @@ class Sampler:
             raise MisalignedDraft(f"{len(drafts)} drafts at position {start_pos} came with "
                                   f"{len(rows)} q rows")
         for i, x in enumerate(drafts):
-            pos = start_pos + i
-            p = probs[i]
-            q = rows[i]
-            coupled = self.params.acceptance == "coupled"
-            check = _check(p, q, x, None if coupled else self.noise.uniform(pos, ACCEPT))
+            check, ok, replacement, how = self._judge(probs[i], rows[i], x, start_pos + i)
             checks.append(check)
-            # each rule draws only the noise it needs: a target sample (coupled), or a residual
-            # sample once a draft is rejected (rejection); every (position, stream) has its own
-            # generator, so skipping one draw changes no other
-            if coupled:
-                own = self._pick(p, pos)
-                ok, replacement, how = x == own, own, "correction"
-            else:
-                assert check.u is not None
-                ok = check.u < check.accept_prob
-                replacement, how = -1, "resampled"
             if not ok:
-                if not coupled:
-                    replacement = self._residual(p, q, x, pos)
                 tokens.append(replacement)
                 return Verdict(i, tokens, ["accepted"] * i + [how], checks, probs)
             tokens.append(x)
@@ -211,6 +195,22 @@ class Sampler:
         last = "bonus" if drafts else "decoded"
         return Verdict(len(drafts), [*tokens, bonus], ["accepted"] * len(drafts) + [last], checks,
                        probs)
+
+    def _judge(self, p: torch.Tensor, q: torch.Tensor, x: int,
+               pos: int) -> tuple[Check, bool, int, str]:
+        """One draft x at `pos`: (its check, accepted, the token in its place if not, how).
+        Each rule draws only the noise it needs: a target sample (coupled), or a residual sample
+        once a draft is rejected (rejection); every (position, stream) has its own generator,
+        so skipping one draw changes no other."""
+        coupled = self.params.acceptance == "coupled"
+        check = _check(p, q, x, None if coupled else self.noise.uniform(pos, ACCEPT))
+        if coupled:
+            own = self._pick(p, pos)
+            return check, x == own, own, "correction"
+        assert check.u is not None
+        if check.u < check.accept_prob:
+            return check, True, -1, "resampled"
+        return check, False, self._residual(p, q, x, pos), "resampled"
 
     def _residual(self, p: torch.Tensor, q: torch.Tensor, x: int, pos: int) -> int:
         """A draw from max(0, p - q), normalised."""

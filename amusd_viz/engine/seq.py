@@ -10,3 +10,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def first_difference(a: list[int], b: list[int], start: int = 0) -> int | None:
+    """The first index from `start` on where `a` and `b` (both that long) differ, or None."""
+    return next((i for i in range(start, min(len(a), len(b))) if a[i] != b[i]), None)

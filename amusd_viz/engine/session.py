@@ -4,22 +4,23 @@ the sink, and notices a worker that died or stalled. Imports no torch."""
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing as mp
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_readable
-from pathlib import Path
 from typing import Any
 
 from typing_extensions import Self
 
-from amusd_viz.config import GREEDY, EngineStrategy, SamplingParams, draft_runs_with_target, parse_ngram
+from amusd_viz.config import SamplingParams, parse_ngram
 from amusd_viz.engine.devices import check_gpu_memory
-from amusd_viz.engine.lending import borrowable_core
-from amusd_viz.engine.loops import Outcome, Request
 from amusd_viz.engine.messages import Done, Failed, Ready, RunRequest
+from amusd_viz.engine.plan import plan_for
+from amusd_viz.engine.policies import schedule_for
+from amusd_viz.engine.request import Outcome, Request
+from amusd_viz.engine.schedule import Concurrent
+from amusd_viz.engine.settings import EngineConfig
 from amusd_viz.engine.shared import SharedState
 from amusd_viz.engine.worker import WorkerSpec, worker_main
 from amusd_viz.errors import RunFailed
@@ -32,74 +33,6 @@ CLOSE_GRACE_S = 2.0  # a polite stop, before terminate() and kill()
 
 class RunCancelled(Exception):
     """The run was stopped on purpose (quit, new prompt, Ctrl+C)."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """What the engine's workers need: resolved model sources and devices (built from a
-    RunConfig by `Prepared.engine_config`; tests build it directly)."""
-
-    strategy: EngineStrategy
-    target_src: str
-    draft_src: str | None
-    target_device: str
-    draft_device: str | None
-    dtype: str = "bfloat16"
-    capacity: int = 65536  # max tokens (prompt + generated) the shared arrays hold
-    stall_timeout: float = 300.0  # seconds without a target event before the run is failed
-    wait_steps: float = 0.0  # amusd: >0 lets the target wait for drafts (Pace; docs/protocol.md)
-    adaptive: bool = True  # sync, amusd: draft as far as it is worth (docs/protocol.md)
-    spec_cache: bool = True  # amusd: the speculation cache (engine/speccache.py)
-    siblings: bool = True  # amusd's cache: bets fed beside the main line's drafts
-    tree: bool = True  # amusd's cache: branches checked in the main line's target pass
-    lookup: bool = True  # sync, amusd: lookup guesses checked in the draft's pass (guess.py)
-    lend: bool = True  # amusd on two CPU cores: the target borrows a resting draft's core (lending.py)
-    draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
-    preamble: tuple[int, ...] = ()  # the prompt head every run shares: cached at load time
-    faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
-    sampling: SamplingParams = GREEDY
-
-    def vocab_size(self) -> int:
-        """The width of p and q rows: the larger of the two models' vocabularies."""
-        sizes = [0]
-        for src in (self.target_src, self.draft_src):
-            config = Path(src or "") / "config.json"
-            if src and config.is_file():
-                sizes.append(int(json.loads(config.read_text()).get("vocab_size") or 0))
-        return max(sizes)
-
-    @property
-    def ngram(self) -> bool:
-        return parse_ngram(self.draft_src) is not None
-
-    @property
-    def one_device(self) -> bool:
-        """Both models compute on one device and must take turns (a lookup computes nothing)."""
-        return (self.draft_device or self.target_device) == self.target_device and not self.ngram
-
-    @property
-    def lend_core(self) -> int | None:
-        """amusd with a model draft on a CPU core of its own: the core its target may borrow."""
-        if self.strategy != "amusd" or not self.lend or not self.adaptive or self.ngram:
-            return None
-        return borrowable_core(self.target_device, self.draft_device)
-
-    def worker_specs(self, t0_ns: int) -> list[WorkerSpec]:
-        """amusd: a target and a draft worker; every other strategy: one worker."""
-        if self.strategy == "amusd":
-            return [
-                WorkerSpec("target", "amusd", self.target_device, self.dtype, self.target_src,
-                           None, t0_ns, self.faults.get("target", ""), preamble=self.preamble,
-                           borrow_core=self.lend_core),
-                WorkerSpec("draft", "amusd", self.draft_device or self.target_device, self.dtype,
-                           None, self.draft_src, t0_ns, self.faults.get("draft", ""),
-                           self.draft_quant, preamble=self.preamble,
-                           tokenizer_src=self.target_src if self.ngram else None),
-            ]
-        draft_src = self.draft_src if draft_runs_with_target(self.strategy) else None
-        return [WorkerSpec("target", self.strategy, self.target_device, self.dtype,
-                           self.target_src, draft_src, t0_ns, self.faults.get("target", ""),
-                           self.draft_quant, self.preamble)]
 
 
 @dataclass
@@ -135,7 +68,9 @@ class Engine:
         self.t0_ns = t0_ns if t0_ns is not None else time.perf_counter_ns()
         self.workers: dict[str, _Worker] = {}
         self._ctx = mp.get_context("spawn")
+        self.plan = plan_for(cfg)  # every speed policy, resolved once for both workers
         self.shared: SharedState | None = None
+        self.schedule: Concurrent | None = None  # amusd: how the workers share compute
         self._run_id = 0
         self._closed = False
         self._cancelled = False
@@ -148,21 +83,22 @@ class Engine:
     # lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
-        specs = cfg.worker_specs(self.t0_ns)
+        specs = cfg.worker_specs(self.t0_ns, self.plan)
         check_gpu_memory([(src, spec.device) for spec in specs
                           for src in (spec.target_src, spec.draft_src)
                           if src and parse_ngram(src) is None], cfg.dtype)
         if cfg.strategy == "amusd":
-            self.shared = SharedState(self._ctx, cfg.capacity, one_device=cfg.one_device,
-                                      vocab=0 if cfg.sampling.greedy else self.vocab,
-                                      loan_core=cfg.lend_core)
+            self.shared = SharedState(self._ctx, cfg.capacity,
+                                      vocab=0 if cfg.sampling.greedy else self.vocab)
+            self.schedule = schedule_for(self.plan, self._ctx, self.shared)
         for spec in specs:
             # One event pipe per worker: a worker killed mid-message can only tear its own pipe
             # (one shared queue would leave its lock held and block the other worker).
             requests = self._ctx.Queue()
             events, worker_end = self._ctx.Pipe(duplex=False)
             process = self._ctx.Process(target=worker_main, name=f"amusd-viz-{spec.role}",
-                                        args=(spec, requests, worker_end, self.shared), daemon=True)
+                                        args=(spec, requests, worker_end, self.shared, self.schedule),
+                                        daemon=True)
             process.start()
             worker_end.close()  # so a dead worker's pipe reads EOF here
             self.workers[spec.role] = _Worker(spec, process, requests, events)
@@ -224,14 +160,14 @@ class Engine:
             raise ValueError("this amusd engine was started greedy: it cannot sample")
         self._run_id += 1
         run_id = self._run_id
-        if self.shared is not None:
+        if self.shared is not None and self.schedule is not None:
             self.shared.reset()
+            self.schedule.reset()
             self.shared.set_draft_alive(not self.workers["draft"].lost)
         start_ns = time.perf_counter_ns()
-        req = Request(list(prompt_ids), max_new_tokens, lookahead, eos_ids, self.t0_ns, max_ahead,
-                      self.cfg.wait_steps, sampling, self.vocab, adaptive=self.cfg.adaptive,
-                      spec_cache=self.cfg.spec_cache, siblings=self.cfg.siblings,
-                      tree=self.cfg.tree, lookup=self.cfg.lookup)
+        req = Request(list(prompt_ids), max_new_tokens, lookahead, eos_ids, self.t0_ns,
+                      max_ahead=self.plan.max_ahead(lookahead, max_ahead), sampling=sampling,
+                      vocab=self.vocab, plan=self.plan)
         live = [w for w in self.workers.values() if not w.lost]
         for w in live:
             w.requests.put(RunRequest(run_id, req))

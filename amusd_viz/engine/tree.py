@@ -1,4 +1,4 @@
-"""Token trees: the bets a target pass checks beside its main line (`loops.verify`).
+"""Token trees: the bets a target pass checks beside its main line (`passes.Verifier.check`).
 
 On a CPU a target pass of a dozen tokens costs about what one does (the weights are read once
 per pass), so a pass can also check, at each draft it verifies, what the target might pick

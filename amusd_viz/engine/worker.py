@@ -91,8 +91,8 @@ def warm_up(runner) -> None:
     a one-token decode, verify passes of 4 and 9 tokens (lookahead 3 and 8), a tree pass (the
     bets beside the drafts), and the top-k of their logits. On a GPU each new pass size loads
     kernels of its own the first time (0.4-1.2 s each on an H100: docs/benchmarks.md, "GPU
-    check"), so there every size up to loops.TREE_TOKENS."""
-    from amusd_viz.engine.loops import TREE_TOKENS
+    check"), so there every size up to passes.TREE_TOKENS."""
+    from amusd_viz.engine.passes import TREE_TOKENS
 
     on_gpu = str(runner.device).startswith("cuda")
     warm = list(range(WARM_UP_TOKENS))
@@ -106,8 +106,9 @@ def warm_up(runner) -> None:
     runner.reset()
 
 
-def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
-    """`events` is this worker's own pipe to the coordinator."""
+def worker_main(spec: WorkerSpec, requests, events, shared=None, schedule=None) -> None:
+    """`events` is this worker's own pipe to the coordinator; amusd's workers also get the
+    shared state and the schedule (engine/shared.py, engine/schedule.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator owns Ctrl+C
     _die_with_parent()
     try:
@@ -122,12 +123,13 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
         # TUI. Failures still reach the coordinator through the pipe.
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        target, draft = _load_models(spec, device, shared, events)
+        target, draft = _load_models(spec, device, schedule, events)
         _slow_down(spec, target if spec.role == "target" else draft)
         events.send(Ready(spec.role))
         emit = _fault_injector(spec, events.send)
         while (msg := requests.get()) is not None:
-            result = _serve(spec, msg.request, target, draft, str(device), shared, emit)
+            result = _serve(spec, msg.request, target, draft, str(device), (shared, schedule),
+                            emit)
             events.send(Done(spec.role, msg.run_id, result))
     except Exception as exc:
         from amusd_viz.engine.messages import Failed
@@ -136,7 +138,7 @@ def worker_main(spec: WorkerSpec, requests, events, shared) -> None:
         raise SystemExit(1) from None
 
 
-def _load_models(spec: WorkerSpec, device, shared, events):
+def _load_models(spec: WorkerSpec, device, schedule, events):
     """Load this worker's model(s), warm them up, and report each as ready."""
     from amusd_viz.config import parse_ngram
     from amusd_viz.engine.devices import device_info
@@ -162,8 +164,8 @@ def _load_models(spec: WorkerSpec, device, shared, events):
                       target.tokenizer if target else None, spec.draft_quant,
                       pack=not stock, preamble=preamble)
     for runner in (target, draft):
-        if runner is not None and shared is not None and not runner.phase_name:
-            runner.turn = shared.device_turn  # a shared device; a lookup needs no turn
+        if runner is not None and schedule is not None and not runner.phase_name:
+            runner.turn = schedule.device_turn  # a shared device; a lookup needs no turn
     now = time.perf_counter_ns()
     for role, runner in (("target", target), ("draft", draft)):
         if runner is not None:
@@ -173,21 +175,23 @@ def _load_models(spec: WorkerSpec, device, shared, events):
     return target, draft
 
 
-def _serve(spec: WorkerSpec, req, target, draft, device: str, shared, emit):
-    """One generation request, by this worker's strategy and role."""
-    from amusd_viz.engine import amusd_draft, loops
+def _serve(spec: WorkerSpec, req, target, draft, device: str, link, emit):
+    """One generation request, by this worker's strategy and role (`link`: amusd's shared
+    state and schedule)."""
+    from amusd_viz.engine import hf, loops
 
+    shared, schedule = link
     match spec.strategy, spec.role:
         case "ar", _:
             return loops.ar_loop(req, target, device, emit)
         case ("hf-generate" | "hf-assisted"), _:
-            return loops.hf_loop(req, target, draft, device, emit)
+            return hf.hf_loop(req, target, draft, device, emit)
         case "sync", _:
             return loops.sync_loop(req, target, draft, device, emit)
         case "amusd", "target":
-            return loops.amusd_target_loop(req, target, device, shared, emit)
+            return loops.amusd_target_loop(req, target, device, shared, schedule, emit)
         case "amusd", "draft":
-            return amusd_draft.amusd_draft_loop(req, draft, device, shared, emit)
+            return loops.amusd_draft_loop(req, draft, device, shared, schedule, emit)
     raise ValueError(f"no loop for strategy {spec.strategy!r} as {spec.role}")
 
 
@@ -212,13 +216,15 @@ def _fault_injector(spec: WorkerSpec, put):
     """Tests inject a worker death after N forward passes; in normal runs this is `put` itself."""
     if not spec.fault.startswith("die_after:"):
         return put
+    from amusd_viz.events import Forward
+
     limit = int(spec.fault.split(":", 1)[1])
     count = 0
 
     def put_and_maybe_die(event):
         nonlocal count
         put(event)
-        if getattr(event, "type", "") == "forward" and event.role == spec.role:
+        if isinstance(event, Forward) and event.role == spec.role:
             count += 1
             if count >= limit:
                 os._exit(9)

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from amusd_viz.config import MAX_LOOKAHEAD, RunConfig
 from amusd_viz.errors import RunFailed, UserError
-from amusd_viz.events import Error, EventSink
+from amusd_viz.events import Error, EventSink, Forward
 
 Job = Callable[[], None]
 UI_NICENESS = 10  # the UI yields the cores to the workers (docs/architecture.md, "Sources")
@@ -199,7 +199,8 @@ class ReplaySource(Source):
         first = next((e.t for e in events if e.type == "forward"), 0.0)
         self.start_t = max(0.0, first - REPLAY_LEAD_IN_S)
         self.clock = self.start_t
-        self.end_t = max((e.t + getattr(e, "dur", 0.0) for e in events), default=0.0)
+        self.end_t = max((e.t + (e.dur if isinstance(e, Forward) else 0.0) for e in events),
+                         default=0.0)
         self._last = time.monotonic()
 
     def start(self) -> None:

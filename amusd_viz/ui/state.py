@@ -7,7 +7,19 @@ import bisect
 from dataclasses import dataclass, field
 
 from amusd_viz import stats
-from amusd_viz.events import DraftProposed
+from amusd_viz.events import (
+    BranchStep,
+    DraftProposed,
+    Error,
+    Forward,
+    Rollback,
+    RunFinished,
+    RunStarted,
+    TokenCommitted,
+    VerifyResult,
+    WorkerLost,
+    WorkerReady,
+)
 
 
 @dataclass
@@ -94,81 +106,93 @@ class RunState:
     def ingest(self, e) -> None:
         self.version += 1
         self.events.append(e)
-        self.now = max(self.now, e.t + getattr(e, "dur", 0.0))
-        kind = e.type
-        if kind == "run_started":
-            for name in ("strategy", "draft", "target", "draft_device", "target_device", "dtype",
-                         "lookahead", "max_new_tokens", "prompt", "prompt_tokens",
-                         "temperature", "top_p", "top_k", "seed", "acceptance"):
-                setattr(self, name, getattr(e, name))
-            if e.draft_device:
-                self.lanes.setdefault("draft", Lane("draft", e.draft_device))
-            self.lanes.setdefault("target", Lane("target", e.target_device))
-            self.status, self.message = "loading", "starting workers"
-        elif kind == "worker_ready":
-            self.lanes.setdefault(e.role, Lane(e.role, e.device))
-            self.lanes[e.role].add(Span(e.t - e.load_s, e.t, "load", 0))
-            self.message = f"{e.role} ready ({e.load_s:.1f} s)"
-        elif kind == "forward":
-            if self.status == "loading":
-                self.status, self.message = "generating", ""
-                self.started_at = e.t
-            self._forward(e)
-        elif kind == "draft_proposed":
-            self.proposals[e.pos] = e
-            self.drafts[e.pos] = e.text
-            if getattr(e, "cached", False):
-                self._cached_draft(e)
-            rejected = self.rejected.get(e.pos)
-            if rejected is not None and rejected == (e.token_id, f"<{e.token_id}>"):
-                # the draft's worker reported it after the target's verdict reached us
-                self.rejected[e.pos] = (e.token_id, e.text)
-        elif kind == "branch_step":
-            self.bets[e.root] = e.root_text
-            self.branch_texts[(e.pos, e.token_id)] = e.text
-        elif kind == "verify_result":
-            self._verified(e)
-        elif kind == "rollback":
-            self.rollbacks.append((e.t, e.to_pos, len(e.discarded)))
-            for pos in [p for p in self.drafts if p >= e.to_pos]:
-                del self.drafts[pos]
-            for pos in [p for p in self.cached if p >= max(e.to_pos, len(self.tokens))]:
-                del self.cached[pos]
-        elif kind == "token_committed":
-            if e.pos == len(self.tokens):
-                self.tokens.append(Token(e.pos, e.token_id, e.text, e.how, e.t, list(e.top)))
-            self.drafts.pop(e.pos, None)
-        elif kind == "worker_lost":
-            self.lost.append(e.role)
-            self.message = f"{e.role} worker lost: {e.message}"
-        elif kind == "error":
-            self.status, self.message = "error", e.message
-        elif kind == "run_finished":
-            self.status = "done"
-            self.wall_s = e.wall_s
-            self.message = f"{e.new_tokens} tokens in {e.wall_s:.2f} s ({e.stop_reason})"
-            if e.started_at is not None:
-                self.started_at = e.started_at
+        self.now = max(self.now, e.t + (e.dur if isinstance(e, Forward) else 0.0))
+        match e:
+            case RunStarted():
+                self._started(e)
+            case WorkerReady():
+                self.lanes.setdefault(e.role, Lane(e.role, e.device))
+                self.lanes[e.role].add(Span(e.t - e.load_s, e.t, "load", 0))
+                self.message = f"{e.role} ready ({e.load_s:.1f} s)"
+            case Forward():
+                if self.status == "loading":
+                    self.status, self.message = "generating", ""
+                    self.started_at = e.t
+                self._forward(e)
+            case DraftProposed():
+                self._proposed(e)
+            case BranchStep():
+                self.bets[e.root] = e.root_text
+                self.branch_texts[(e.pos, e.token_id)] = e.text
+            case VerifyResult():
+                self._verified(e)
+            case Rollback():
+                self._rolled_back(e)
+            case TokenCommitted():
+                if e.pos == len(self.tokens):
+                    self.tokens.append(Token(e.pos, e.token_id, e.text, e.how, e.t, list(e.top)))
+                self.drafts.pop(e.pos, None)
+            case WorkerLost():
+                self.lost.append(e.role)
+                self.message = f"{e.role} worker lost: {e.message}"
+            case Error():
+                self.status, self.message = "error", e.message
+            case RunFinished():
+                self._finished(e)
 
-    def _forward(self, e) -> None:
-        self.lanes.setdefault(e.role, Lane(e.role, e.home)).add(
+    def _started(self, e: RunStarted) -> None:
+        for name in ("strategy", "draft", "target", "draft_device", "target_device", "dtype",
+                     "lookahead", "max_new_tokens", "prompt", "prompt_tokens",
+                     "temperature", "top_p", "top_k", "seed", "acceptance"):
+            setattr(self, name, getattr(e, name))
+        if e.draft_device:
+            self.lanes.setdefault("draft", Lane("draft", e.draft_device))
+        self.lanes.setdefault("target", Lane("target", e.target_device))
+        self.status, self.message = "loading", "starting workers"
+
+    def _proposed(self, e: DraftProposed) -> None:
+        self.proposals[e.pos] = e
+        self.drafts[e.pos] = e.text
+        if e.cached:
+            self._cached_draft(e)
+        rejected = self.rejected.get(e.pos)
+        if rejected is not None and rejected == (e.token_id, f"<{e.token_id}>"):
+            # the draft's worker reported it after the target's verdict reached us
+            self.rejected[e.pos] = (e.token_id, e.text)
+
+    def _rolled_back(self, e: Rollback) -> None:
+        self.rollbacks.append((e.t, e.to_pos, len(e.discarded)))
+        for pos in [p for p in self.drafts if p >= e.to_pos]:
+            del self.drafts[pos]
+        for pos in [p for p in self.cached if p >= max(e.to_pos, len(self.tokens))]:
+            del self.cached[pos]
+
+    def _finished(self, e: RunFinished) -> None:
+        self.status = "done"
+        self.wall_s = e.wall_s
+        self.message = f"{e.new_tokens} tokens in {e.wall_s:.2f} s ({e.stop_reason})"
+        if e.started_at is not None:
+            self.started_at = e.started_at
+
+    def _forward(self, e: Forward) -> None:
+        self.lanes.setdefault(e.role, Lane(e.role, e.device)).add(
             Span(e.t, e.t + e.dur, e.phase, e.n_tokens))
         if e.lent and "draft" in self.lanes:  # the draft's core lent to this target pass
             self.lanes["draft"].add(Span(e.t, e.t + e.dur, "lent", e.n_tokens))
 
-    def _verified(self, e) -> None:
+    def _verified(self, e: VerifyResult) -> None:
         for i, token in enumerate(e.proposed[: e.accepted + 1]):
             prop = self.proposals.get(e.start_pos + i)
             if prop is not None and prop.token_id == token:
                 self.judged[e.start_pos + i] = prop
         self._add_checks(e)
-        if getattr(e, "from_cache", False):
+        if e.from_cache:
             # the target read a branch's drafts before the draft adopted it: the branch
             # bet on the token just before them
-            root = e.start_pos - 1
+            bet_at = e.start_pos - 1
             for pos in range(e.start_pos, e.start_pos + e.accepted):
-                self.cached[pos] = (root, self.bets.get(root, "?"))
-        root = getattr(e, "tree_root", None)
+                self.cached[pos] = (bet_at, self.bets.get(bet_at, "?"))
+        root = e.tree_root
         if root is not None:
             # a tree pass went on along a branch: its drafts past the bet came from the cache
             bet = self.tokens[root].text if root < len(self.tokens) else "?"
@@ -185,7 +209,7 @@ class RunState:
                     else self.branch_texts.get((pos, token), f"<{token}>"))  # a cached draft
             self.rejected[pos] = (token, text)
 
-    def _cached_draft(self, e) -> None:
+    def _cached_draft(self, e: DraftProposed) -> None:
         """A draft handed over from a branch (at a hit): the proposal the target judged there,
         even when the target read it from the branch before this event arrived."""
         root = e.branch_root if e.branch_root is not None else e.pos - 1
@@ -193,9 +217,9 @@ class RunState:
         if e.pos < len(self.tokens) and self.tokens[e.pos].token_id == e.token_id:
             self.judged[e.pos] = e
 
-    def _add_checks(self, e) -> None:
+    def _add_checks(self, e: VerifyResult) -> None:
         """Sampling: p, q, min(1, p/q), the draw and sum(min(p, q)) of each checked draft."""
-        for i in range(len(getattr(e, "p", []))):
+        for i in range(len(e.p)):
             self.checks[e.start_pos + i] = {
                 "p": e.p[i], "q": e.q[i] if i < len(e.q) else None,
                 "accept_prob": e.accept_prob[i] if i < len(e.accept_prob) else None,

@@ -277,11 +277,11 @@ class Inspector(Static):
 def lookup_source(state: RunState, proposal) -> Text | None:
     """The n-gram drafter: where in the prompt or the text the proposed token was copied from;
     a model draft: whether a lookup guess let the draft choose it in an earlier token's pass."""
-    if proposal is not None and getattr(proposal, "guessed", False):
+    if proposal is not None and proposal.guessed:
         return Text("\nlookup guess: the text had gone on this way before, so the draft's pass "
                     "for the token before also fed this one; the draft chose it there (one "
                     "pass, two drafts)", "magenta")
-    if proposal is None or getattr(proposal, "ngram_from", None) is None:
+    if proposal is None or proposal.ngram_from is None:
         return None
     at, n = proposal.ngram_from, proposal.ngram_n
     line = Text(f"\nn-gram lookup: after an earlier occurrence of the last {n} token(s), ", "magenta")
