@@ -275,7 +275,8 @@ def _bench_parser() -> argparse.ArgumentParser:
                    help="timed runs per prompt and strategy; the median is reported (default: 1)")
     g.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N prompts")
     g.add_argument("--kinds", metavar="LIST",
-                   help="only prompts of these kinds (comma-separated: code,chat,prose,math)")
+                   help="only prompts of these kinds (comma-separated: chat,code,edit,math,"
+                        "prose in the bundled set)")
     g.add_argument("--json", type=Path, metavar="OUT", help="write the full results as JSON")
     g.add_argument("--plot", type=Path, metavar="OUT.svg",
                    help="draw cumulative tokens against time for the first prompt (SVG; needs "
@@ -359,7 +360,13 @@ def _serve(argv: list[str]) -> int:
     from amusd_viz.serve import AppParsers, ServeConfig, serve_command, split_app_args
 
     own, app_args = split_app_args(argv)
-    args = build_command_parser("serve").parse_args(own)
+    parser = build_command_parser("serve")
+    _, unknown = parser.parse_known_args(own)
+    if unknown and "--" not in argv:  # `serve replay FILE`: the app's arguments go after `--`
+        raise UserError(f"amusd-viz serve does not take {' '.join(unknown)!r}: the app's own "
+                        "arguments go after `--`, e.g. `amusd-viz serve -- replay FILE` or "
+                        "`amusd-viz serve -- --prompt TEXT`.")
+    args = parser.parse_args(own)
     parsers = AppParsers(COMMANDS, build_run_parser, _replay_parser)
     return serve_command(ServeConfig(args.host, args.port, args.max_live, tuple(app_args)),
                          parsers)

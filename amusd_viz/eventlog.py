@@ -112,8 +112,11 @@ def read_log(path: str | os.PathLike) -> EventLog:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"no such event log: {path}. Record one with --events FILE.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read the event log {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not an amusd-viz event log (not UTF-8 text: a binary "
+                        "file?). Pass a log written with --events FILE.") from None
+    except OSError as exc:
+        raise UserError(f"cannot read the event log {path}: {exc.strerror or exc}") from None
     return parse_log(raw, str(path))
 
 

@@ -85,6 +85,13 @@ def test_truncated_tail_keeps_events_before_it():
     assert any("cut short" in w for w in log.warnings)
 
 
+def test_a_binary_file_is_one_clear_line(tmp_path):
+    (tmp_path / "b.jsonl").write_bytes(bytes(range(256)))
+    with pytest.raises(UserError, match="not UTF-8 text") as caught:
+        read_log(tmp_path / "b.jsonl")
+    assert "\n" not in str(caught.value) and "codec" not in str(caught.value)
+
+
 def test_empty_file(tmp_path):
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(UserError, match="empty"):

@@ -228,6 +228,7 @@ def test_ctrl_c_ends_the_server_and_every_session(browser, tiny_models):
     (["--", "--strategy", "turbo"], "invalid choice"),
     (["--", "--headless"], "no screen to serve"),
     (["--port", "0"], "from 1 to 65535"),
+    (["replay", "x.jsonl"], "go after `--`"),
 ])
 def test_bad_serve_arguments_are_one_line_and_start_nothing(args, needle):
     out = subprocess.run([sys.executable, "-m", "amusd_viz", "serve", "--port", "8765", *args]

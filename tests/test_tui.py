@@ -109,6 +109,22 @@ async def test_help_screen_and_timeline_zoom():
         assert timeline.follow is True
 
 
+async def test_a_torn_logs_warning_is_on_the_screen(tmp_path):
+    """A log cut short (a crash mid-write) replays what is whole, and says so on the screen,
+    not only on stderr behind the TUI."""
+    raw = PROSE.read_text()
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(raw[:len(raw) - 40])
+    log = read_log(torn)
+    assert log.warnings
+    app = AmusdApp(ReplaySource(log.events, 1e9, torn.name), warnings=tuple(log.warnings))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause(0.3)
+        shown = [n.message for n in app._notifications]
+        assert any("cut short" in m for m in shown), shown
+        assert app.state.tokens  # what is whole replays
+
+
 async def test_replay_cannot_start_models():
     app = replay_app()
     async with app.run_test(size=SIZE) as pilot:

@@ -142,9 +142,11 @@ class AmusdApp(App):
         Binding("greater_than_sign", "speed(2)", show=False),
     ]
 
-    def __init__(self, source: Source, save_dir: Path | None = None) -> None:
+    def __init__(self, source: Source, save_dir: Path | None = None,
+                 warnings: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.source = source
+        self.warnings = warnings  # a replayed log's (a torn tail, ...): shown on the screen
         self.sink = QueueSink()
         source.attach(self.sink)
         self.state = RunState()
@@ -182,6 +184,8 @@ class AmusdApp(App):
         self.query_one("#stats").border_title = "stats"
         self.query_one("#inspector").border_title = "token inspector"
         self.set_interval(TICK_S, self.tick)
+        for warning in self.warnings:
+            self.notify(warning, title="the log", severity="warning", timeout=15)
         self.source.start()
         self.tick()
 

@@ -29,6 +29,6 @@ def run_replay(log, speed: float, name: str) -> int:
     from amusd_viz.ui.app import AmusdApp
     from amusd_viz.ui.sources import ReplaySource
 
-    app = AmusdApp(ReplaySource(log.events, speed, name))
+    app = AmusdApp(ReplaySource(log.events, speed, name), warnings=tuple(log.warnings))
     app.run()
     return app.return_code or 0
