@@ -14,4 +14,5 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def first_difference(a: list[int], b: list[int], start: int = 0) -> int | None:
     """The first index from `start` on where `a` and `b` (both that long) differ, or None."""
-    return next((i for i in range(start, min(len(a), len(b))) if a[i] != b[i]), None)
+    i = start + common_prefix(a[start:], b[start:])
+    return i if i < min(len(a), len(b)) else None
