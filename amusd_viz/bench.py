@@ -33,6 +33,7 @@ KNOWN: dict[str, tuple[EngineStrategy, str, bool]] = {
     "ar-1dev": ("ar", "one", False),
     "sync": ("sync", "all", True),
     "sync-1dev": ("sync", "one", True),
+    "sync-2dev": ("sync", "two", True),
     "amusd": ("amusd", "two", True),
     "amusd-1dev": ("amusd", "one", True),
     "hf-generate": ("hf-generate", "all", False),
@@ -63,6 +64,8 @@ DESCRIPTIONS = {
     "ar-1dev": "target alone on one device (the paper's baseline)",
     "sync": "speculative decoding, models taking turns on all cores / one GPU",
     "sync-1dev": "speculative decoding on one device (on CPU: one core)",
+    "sync-2dev": "speculative decoding, the draft on its device and the target on its own, "
+                 "taking turns (on CPU one core each): the paper's baseline, amusd's devices",
     "amusd": "asynchronous: draft and target on two devices at once",
     "amusd-1dev": "asynchronous on one shared device (the workers take turns: on CPU one core)",
     "hf-generate": "plain transformers generate(), all cores",
@@ -378,8 +381,11 @@ def _result(name: str, prompt: Prompt, repeat: int, gen, events, started: RunSta
 
 
 def _with_speedups(out: dict, rows: list[Result]) -> dict:
-    """Each strategy against ar and sync: pooled medians, and paired per prompt and repeat."""
-    for ref in ("ar", "sync"):
+    """Each strategy against ar, sync and sync-2dev (the paper's baseline, where it ran):
+    pooled medians, and paired per prompt and repeat."""
+    for ref in ("ar", "sync", "sync-2dev"):
+        if ref == "sync-2dev" and ref not in out:
+            continue
         base = out.get(ref, {}).get("median_ms_per_token")
         for name, row in out.items():
             row[f"speedup_vs_{ref}"] = round(base / row["median_ms_per_token"], 3) if base else None
@@ -427,7 +433,6 @@ class _Runner:
         self.results: list[Result] = []
 
     def engine_config(self, run: PlannedRun):
-        from amusd_viz.config import draft_runs_with_target
         from amusd_viz.engine.devices import resolve_draft_quant
 
         base = self.plan.cfg.run
@@ -437,7 +442,7 @@ class _Runner:
                                                   self.plan.gpus, self.plan.cores,
                                                   base.target_device_option,
                                                   base.draft_device_option)
-        runs_on = target_device if draft_runs_with_target(run.engine_strategy) else draft_device
+        runs_on = draft_device or target_device
         run_cfg = base.model_copy(update={
             **VARIANTS.get(run.name, {}),
             "target_device": target_device, "draft_device": draft_device,

@@ -34,7 +34,7 @@ from amusd_viz.config import (
 from amusd_viz.errors import RunFailed, UserError
 
 COMMANDS = ("bench", "replay", "export-trace", "stats", "models", "serve")
-BENCH_STRATEGIES = "ar,ar-1dev,sync,sync-1dev,amusd,hf-assisted"
+BENCH_STRATEGIES = "ar,ar-1dev,sync,sync-2dev,amusd,hf-assisted"
 
 
 class _Parser(argparse.ArgumentParser):

@@ -172,7 +172,7 @@ class BenchConfig(BaseModel):
 
     run: RunConfig
     prompts: Path | None = None  # None: the bundled prompt set
-    strategies: tuple[str, ...] = ("ar", "ar-1dev", "sync", "sync-1dev", "amusd", "hf-assisted")
+    strategies: tuple[str, ...] = ("ar", "ar-1dev", "sync", "sync-2dev", "amusd", "hf-assisted")
     lookaheads: tuple[int, ...] = (DEFAULT_LOOKAHEAD,)
     repeats: int = Field(1, ge=1)
     limit: int | None = None

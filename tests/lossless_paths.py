@@ -117,7 +117,8 @@ def run_sync(target, draft, case: Case, seed: int, paths: Paths | None = None,
     emit = paths or (lambda e: None)
     if paths is not None:
         paths.reset_run()
-    out = sync_loop(case.request(seed, rule, plan_of("sync", **flags)), target, draft, "cpu", emit)
+    req = case.request(seed, rule, plan_of("sync", **flags))
+    out = sync_loop(req, target, draft, ("cpu", "cpu"), emit)
     return tuple(out.token_ids[:case.outcome])
 
 

@@ -71,7 +71,7 @@ def request(seed: int, rule: str, prompt=PROMPT) -> Request:
 
 
 def run_sync(target, draft, seed: int, rule: str, prompt=PROMPT) -> tuple[int, ...]:
-    return tuple(sync_loop(request(seed, rule, prompt), target, draft, "cpu",
+    return tuple(sync_loop(request(seed, rule, prompt), target, draft, ("cpu", "cpu"),
                            lambda e: None).token_ids)
 
 

@@ -101,12 +101,13 @@ def test_bench_uses_the_devices_it_is_given_and_runs_each_setup_once(capsys):
     assert devices_for("two", 0, [0, 1], "cpu:1", "cpu:0") == ("cpu:1", "cpu:0")
     assert devices_for("all", 2, [0, 1], "cuda:1") == ("cuda:1", "cuda:1")
     assert devices_for("two", 2, [0, 1]) == ("cuda:0", "cuda:1")
-    everything = ("ar", "ar-1dev", "sync", "sync-1dev", "amusd", "amusd-1dev")
+    everything = ("ar", "ar-1dev", "sync", "sync-1dev", "sync-2dev", "amusd", "amusd-1dev")
     one_gpu = plan_runs(BenchConfig(run=RunConfig(), strategies=everything), 1, [0, 1])
     assert [r.label for r in one_gpu.runs] == ["ar", "sync", "amusd"]
-    assert "ar-1dev runs exactly as ar here" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ar-1dev runs exactly as ar here" in err and "sync-2dev runs exactly as sync" in err
     two_gpus = plan_runs(BenchConfig(run=RunConfig(), strategies=everything), 2, [0, 1])
-    assert [r.label for r in two_gpus.runs] == ["ar", "sync", "amusd", "amusd-1dev"]
+    assert [r.label for r in two_gpus.runs] == ["ar", "sync", "sync-2dev", "amusd", "amusd-1dev"]
     cpu = plan_runs(BenchConfig(run=RunConfig(), strategies=everything), 0, [0, 1])
     assert [r.label for r in cpu.runs] == list(everything)
 
@@ -208,3 +209,39 @@ def test_warm_up_runs_every_shape_a_run_uses(runner, monkeypatch, device):
         assert set(range(1, TREE_TOKENS + 1)) <= logits
     assert any(paths for _, _, paths in calls)  # a tree pass, bets beside the drafts
     assert runner.ids == []  # and the cache is left empty
+
+
+def test_sync_takes_a_device_per_model_only_where_asked_and_they_do_not_overlap():
+    """`--strategy sync` keeps the draft beside the target unless --draft-device is given; then
+    each model needs a core (or a GPU) of its own (sync-2dev, the paper's baseline)."""
+    def resolved(**options):
+        cfg = devices.resolve_run(RunConfig(strategy="sync", **options))
+        return cfg.target_device, cfg.draft_device
+
+    assert resolved() == ("cpu", "cpu")
+    assert resolved(target_device_option="cpu:0") == ("cpu:0", "cpu:0")
+    assert resolved(target_device_option="cpu:0", draft_device_option="cpu:1") == ("cpu:0", "cpu:1")
+    assert resolved(draft="ngram", target_device_option="cpu:0",
+                    draft_device_option="cpu:1") == ("cpu:0", "cpu:0")  # a lookup needs no core
+    with pytest.raises(UserError, match="--target-device cpu:0 --draft-device cpu:1"):
+        resolved(draft_device_option="cpu:1")  # the target on all cores would share core 1
+    with pytest.raises(UserError, match="overlap or mix kinds"):
+        devices.check_device_pair("cuda:0", "cpu:1")
+
+
+def test_on_core_moves_the_calling_thread_only_to_that_core():
+    import os
+    import threading
+
+    before = os.sched_getaffinity(0)
+    seen = {}
+
+    def work():
+        with devices.on_core(min(before)):
+            seen["inside"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen["inside"] == {min(before)}
+    assert os.sched_getaffinity(0) == before  # the test's own thread kept its cores

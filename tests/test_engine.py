@@ -19,9 +19,11 @@ class Recorder(EventList):
         return events
 
 
-def make_engine(models, strategy, draft="draft_far", target_device="cpu:0", draft_device="cpu:1",
+def make_engine(models, strategy, draft="draft_far", target_device="cpu:0", draft_device=None,
                 **extra):
+    """amusd's draft on cpu:1 unless told; sync's beside the target unless told (sync-2dev)."""
     sink = Recorder()
+    draft_device = draft_device or ("cpu:1" if strategy == "amusd" else target_device)
     cfg = EngineConfig(strategy=strategy, target_src=str(models["target"]),
                        draft_src=str(models[draft]) if strategy != "ar" else None,
                        target_device=target_device, draft_device=draft_device,
@@ -188,6 +190,24 @@ def test_a_resting_draft_lends_its_core_to_the_target(engines, tiny_models):
         assert lent and all(e.role == "target" and e.device == "cpu:0" for e in lent)
         later = [e for e in events if e.type == "forward" and e.role == "draft" and e.t > lent[0].t]
         assert later, "the draft never took its core back"
+
+
+def test_sync_on_two_devices_runs_each_model_on_its_own(engines):
+    """sync-2dev, the paper's baseline: one process, the draft's passes on cpu:1 and the
+    target's on cpu:0, taking turns (never both at once); the tokens are ar's and sync's."""
+    prompt = [40, 41, 42, 43]
+    reference, _ = run(engines, "ar", prompt, 30)
+    one, _ = run(engines, "sync", prompt, 30, lookahead=4, draft="draft_near")
+    engine, _ = engines("sync", "draft_near", draft_device="cpu:1")
+    gen, events = run(engines, "sync", prompt, 30, lookahead=4, draft="draft_near",
+                      draft_device="cpu:1")
+    assert gen.token_ids == one.token_ids == reference.token_ids
+    check_invariants(gen, events)
+    forwards = [e for e in events if e.type == "forward"]
+    assert {(e.role, e.device) for e in forwards} == {("target", "cpu:0"), ("draft", "cpu:1")}
+    spans = sorted((e.t, e.t + e.dur) for e in forwards)
+    assert all(b >= a_end - 1e-6 for (_, a_end), (b, _) in zip(spans, spans[1:])), "not turns"
+    assert set(engine.pids()) == {"target"}  # one process holds both models
 
 
 def test_lookahead_one(engines):

@@ -69,7 +69,7 @@ def _sync(pair, sampling, lookup: bool, prompt):
     events: list = []
     req = Request(list(prompt), 40, 4, frozenset(), 0, sampling=sampling,
                   plan=resolve("sync", draft_lookup=lookup, adaptive=False))
-    out = sync_loop(req, *pair, "cpu", events.append)
+    out = sync_loop(req, *pair, ("cpu", "cpu"), events.append)
     proposals = [(e.pos, e.token_id, e.q) for e in events if e.type == "draft_proposed"]
     guessed = sum(e.type == "draft_proposed" and e.guessed for e in events)
     passes = sum(e.type == "forward" and e.role == "draft" for e in events)

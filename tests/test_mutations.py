@@ -34,7 +34,7 @@ def identical_everywhere(target, draft, tree: bool) -> bool:
                       plan=resolve("sync", adaptive=False, tree=tree, draft_lookup=False))
         ar = ar_loop(req, target, "cpu", lambda e: None).token_ids
         try:
-            sync = sync_loop(req, target, draft, "cpu", lambda e: None).token_ids
+            sync = sync_loop(req, target, draft, ("cpu", "cpu"), lambda e: None).token_ids
         except RuntimeError:
             return False
         if ar != sync:

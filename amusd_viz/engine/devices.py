@@ -6,6 +6,7 @@ torch only when a cuda device is named.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -67,6 +68,12 @@ def parse_device(text: str, option: str = "--device") -> Device:
     return device
 
 
+def _shape(text: str) -> Device:
+    """An already-checked device name as a Device (no availability checks)."""
+    kind, _, index = text.partition(":")
+    return Device(kind, int(index) if index else None)
+
+
 def default_devices(strategy: str, gpu_count: int | None = None) -> tuple[str, str]:
     """(target, draft) defaults: two GPUs → cuda:0/cuda:1; one → both cuda:0; none → the
     async strategy pins cpu:0/cpu:1, the one-process strategies use every core."""
@@ -126,12 +133,51 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
     draft = None
     if cfg.uses_draft:
         draft = str(parse_device(cfg.draft_device_option or default_draft, "--draft-device"))
-    runs_on = target if draft_runs_with_target(cfg.strategy) or draft is None else draft
-    quant = "none" if cfg.ngram_n else resolve_draft_quant(cfg.draft_quant_option, runs_on)
+    if draft_runs_with_target(cfg.strategy) and (cfg.ngram_n or not cfg.draft_device_option):
+        draft = target  # one process, one device, unless sync is given a device per model
+    if cfg.strategy == "sync" and draft != target:
+        check_device_pair(target, draft)
+    quant = "none" if cfg.ngram_n else resolve_draft_quant(cfg.draft_quant_option, draft or target)
     return cfg.model_copy(update={"target_device": target, "draft_device": draft,
                                   "draft_quant": quant,
                                   "dtype": resolve_dtype(cfg.dtype_option, target)
                                   if cfg.dtype_option else cfg.dtype})
+
+
+def check_device_pair(target: str, draft: str | None) -> None:
+    """`sync` on two devices in one process (the paper's baseline): one core each or one GPU
+    each, never overlapping (a core's passes would also run on the other's)."""
+    t, d = _shape(target), _shape(draft or target)
+    if t.kind == d.kind and t.index is not None and d.index is not None and t != d:
+        return
+    raise UserError(
+        f"sync on two devices needs one core or one GPU per model, and --target-device {t} "
+        f"with --draft-device {d} overlap or mix kinds. Use e.g. --target-device cpu:0 "
+        "--draft-device cpu:1 (or cuda:0 and cuda:1), or drop --draft-device to run both "
+        "models on the target's device.")
+
+
+@contextlib.contextmanager
+def on_core(core: int):
+    """A forward pass of `sync` on two CPU cores: this thread (torch runs one) moves to the
+    model's own core first, so each model computes on its core only, as on its own device."""
+    os.sched_setaffinity(0, {core})  # pid 0: the calling thread
+    yield
+
+
+def enter_two_devices(target: Device, draft: Device) -> None:
+    """`sync` with the models on two devices, in one process (check_device_pair): on a CPU the
+    process may run on both cores with one torch thread (the models' `turn` hooks move it,
+    on_core); on GPUs the target's is the current one."""
+    if target.kind == "cpu":
+        os.sched_setaffinity(0, {target.index or 0, draft.index or 0})
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    if target.kind == "cuda":
+        torch.cuda.set_device(target.index or 0)
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

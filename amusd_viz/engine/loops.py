@@ -40,12 +40,14 @@ def ar_loop(req: Request, target: Runner, device: str, emit: Emit) -> Outcome:
     return v.c.outcome
 
 
-def sync_loop(req: Request, target: Runner, draft: Runner, device: str, emit: Emit) -> Outcome:
-    """Classic speculative decoding: the two models take turns in one process."""
+def sync_loop(req: Request, target: Runner, draft: Runner, devices: tuple[str, str],
+              emit: Emit) -> Outcome:
+    """Classic speculative decoding: the two models take turns in one process, on one device
+    or each on its own (`devices`: the target's, the draft's; the paper's baseline)."""
     target.begin()
     draft.begin()
-    v = Verifier(req, target, device, emit)
-    d = Drafter(req, draft, v.sampler, device, emit, Guesser(req.plan.guesses))
+    v = Verifier(req, target, devices[0], emit)
+    d = Drafter(req, draft, v.sampler, devices[1], emit, Guesser(req.plan.guesses))
     length, bets = length_policy(req.plan), bets_policy(req.plan)
     v.first_token()
     while not v.c.done:

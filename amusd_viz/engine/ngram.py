@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,8 @@ class NgramDrafter:
         self.vocab = vocab
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.turn = contextlib.nullcontext  # needs no device turn: it computes nothing there
+        # needs no device turn: it computes nothing there
+        self.turn: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.ids: list[int] = []  # the Runner interface: what was looked at last
         self.model = None
         self.last: Match | None = None  # the match behind the latest proposal (the inspector's)

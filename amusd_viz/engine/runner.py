@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -40,7 +40,8 @@ class Runner:
         self._preamble_cache: DynamicCache | None = None
         self._texts: dict[int, str] = {}
         self.is_cuda = self.device.type == "cuda"
-        self.turn = contextlib.nullcontext  # a shared device: SharedState.device_turn
+        # before each pass: a shared device's turn (schedule.py), or sync-2dev's core
+        self.turn: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def reset(self) -> None:
         self.ids = []

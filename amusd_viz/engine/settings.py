@@ -63,6 +63,8 @@ class EngineConfig:
                            tokenizer_src=self.target_src if self.ngram else None),
             ]
         draft_src = self.draft_src if draft_runs_with_target(self.strategy) else None
+        # sync with a device per model (the paper's baseline) still runs in one process
+        own = self.draft_device if draft_src and self.draft_device != self.target_device else None
         return [WorkerSpec("target", self.strategy, self.target_device, self.dtype,
                            self.target_src, draft_src, t0_ns, self.faults.get("target", ""),
-                           self.draft_quant, self.preamble)]
+                           self.draft_quant, self.preamble, draft_device=own)]

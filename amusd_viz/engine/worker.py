@@ -8,6 +8,7 @@ starts with the right thread count.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import time
@@ -32,6 +33,7 @@ class WorkerSpec:
     preamble: tuple[int, ...] = ()  # the tokens every prompt starts with: fed at load time
     tokenizer_src: str | None = None  # the n-gram drafter's worker: the target's tokenizer
     borrow_core: int | None = None  # amusd's target: the draft's CPU core it may borrow (lending.py)
+    draft_device: str | None = None  # sync on two devices: the draft's own (devices.check_device_pair)
 
 
 def _die_with_parent() -> None:
@@ -112,24 +114,28 @@ def worker_main(spec: WorkerSpec, requests, events, shared=None, schedule=None) 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator owns Ctrl+C
     _die_with_parent()
     try:
-        from amusd_viz.engine.devices import enter_device, parse_device
+        from amusd_viz.engine.devices import enter_device, enter_two_devices, parse_device
         from amusd_viz.engine.messages import Done, Ready
 
         device = parse_device(spec.device)
-        enter_device(device, borrow=spec.borrow_core)
+        draft_device = parse_device(spec.draft_device) if spec.draft_device else device
+        if draft_device != device:
+            enter_two_devices(device, draft_device)
+        else:
+            enter_device(device, borrow=spec.borrow_core)
         from transformers.utils import logging as hf_logging
 
         # Workers share the user's terminal: transformers' loading bars would draw over the
         # TUI. Failures still reach the coordinator through the pipe.
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        target, draft = _load_models(spec, device, schedule, events)
+        target, draft = _load_models(spec, (device, draft_device), schedule, events)
         _slow_down(spec, target if spec.role == "target" else draft)
         events.send(Ready(spec.role))
         emit = _fault_injector(spec, events.send)
         while (msg := requests.get()) is not None:
-            result = _serve(spec, msg.request, target, draft, str(device), (shared, schedule),
-                            emit)
+            result = _serve(spec, msg.request, (target, draft), (str(device), str(draft_device)),
+                            (shared, schedule), emit)
             events.send(Done(spec.role, msg.run_id, result))
     except Exception as exc:
         from amusd_viz.engine.messages import Failed
@@ -138,12 +144,14 @@ def worker_main(spec: WorkerSpec, requests, events, shared=None, schedule=None) 
         raise SystemExit(1) from None
 
 
-def _load_models(spec: WorkerSpec, device, schedule, events):
-    """Load this worker's model(s), warm them up, and report each as ready."""
+def _load_models(spec: WorkerSpec, devices, schedule, events):
+    """Load this worker's model(s) on their devices (target's, draft's), warm them up, and
+    report each as ready."""
     from amusd_viz.config import parse_ngram
-    from amusd_viz.engine.devices import device_info
+    from amusd_viz.engine.devices import device_info, on_core
     from amusd_viz.events import WorkerReady
 
+    device, draft_device = devices
     start = time.perf_counter_ns()
     target = draft = None
     # transformers' own generate is the baseline users would otherwise run: stock layers, the
@@ -160,34 +168,38 @@ def _load_models(spec: WorkerSpec, device, schedule, events):
         draft = load_ngram(n, spec.target_src or spec.tokenizer_src or "", device.torch_device,
                            target.tokenizer if target else None)
     elif spec.draft_src:
-        draft = _load(spec.draft_src, spec.dtype, device.torch_device,
+        draft = _load(spec.draft_src, spec.dtype, draft_device.torch_device,
                       target.tokenizer if target else None, spec.draft_quant,
                       pack=not stock, preamble=preamble)
     for runner in (target, draft):
         if runner is not None and schedule is not None and not runner.phase_name:
             runner.turn = schedule.device_turn  # a shared device; a lookup needs no turn
+    if target and draft and draft_device != device and draft_device.kind == "cpu":
+        # sync on two CPU cores in one process: each model's passes on its own core
+        target.turn = functools.partial(on_core, device.index or 0)
+        draft.turn = functools.partial(on_core, draft_device.index or 0)
     now = time.perf_counter_ns()
-    for role, runner in (("target", target), ("draft", draft)):
+    for role, runner, on in (("target", target, device), ("draft", draft, draft_device)):
         if runner is not None:
-            events.send(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=role, device=str(device),
+            events.send(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=role, device=str(on),
                                     pid=os.getpid(), load_s=(now - start) / 1e9,
-                                    device_info=device_info(device)))
+                                    device_info=device_info(on)))
     return target, draft
 
 
-def _serve(spec: WorkerSpec, req, target, draft, device: str, link, emit):
-    """One generation request, by this worker's strategy and role (`link`: amusd's shared
-    state and schedule)."""
+def _serve(spec: WorkerSpec, req, models, devices: tuple[str, str], link, emit):
+    """One generation request, by this worker's strategy and role (`models`: target, draft;
+    `devices`: theirs; `link`: amusd's shared state and schedule)."""
     from amusd_viz.engine import hf, loops
 
-    shared, schedule = link
+    (target, draft), device, (shared, schedule) = models, devices[0], link
     match spec.strategy, spec.role:
         case "ar", _:
             return loops.ar_loop(req, target, device, emit)
         case ("hf-generate" | "hf-assisted"), _:
             return hf.hf_loop(req, target, draft, device, emit)
         case "sync", _:
-            return loops.sync_loop(req, target, draft, device, emit)
+            return loops.sync_loop(req, target, draft, devices, emit)
         case "amusd", "target":
             return loops.amusd_target_loop(req, target, device, shared, schedule, emit)
         case "amusd", "draft":
