@@ -136,3 +136,30 @@ def test_parser_fuzz_only_ever_raises_user_errors(lines, newline_at_end):
         assert str(exc)
     else:
         assert log.header.type == "header"
+
+
+def _event_types() -> set[str]:
+    """Every event type the engine defines, from events.py itself."""
+    from amusd_viz.events import _Event
+
+    return {cls.model_fields["type"].default for cls in _Event.__subclasses__()}
+
+
+def test_the_bundled_samples_show_what_todays_engine_does():
+    """The no-model demo must show the engine users run: together the samples hold every event
+    type a healthy run emits (a new type fails this until a sample shows it), and the features
+    the README sells: cache hits, branch steps, a tree pass that went on along a bet, guessed
+    drafts, a lent core, a sampled run, and the prompt. Failures (worker_lost, error) are
+    shown by the tests, not the samples."""
+    logs = [read_log(path) for path in SAMPLES]
+    events = [e for log in logs for e in log.events]
+    assert _event_types() - {e.type for e in events} == {"worker_lost", "error"}
+    assert all(log.header.schema_version == SCHEMA_VERSION for log in logs)
+    verdicts = [e for e in events if e.type == "verify_result"]
+    assert any(e.from_cache for e in verdicts), "no draft handed over by the cache"
+    assert any(e.tree_root is not None for e in verdicts), "no tree pass went on along a bet"
+    assert any(e.type == "draft_proposed" and e.guessed for e in events), "no lookup guess"
+    assert any(e.type == "forward" and e.lent for e in events), "no lent core"
+    started = [e for e in events if e.type == "run_started"]
+    assert all(e.prompt for e in started)
+    assert any(e.temperature > 0 and e.acceptance == "rejection" for e in started)

@@ -177,6 +177,44 @@ def test_a_served_replay_draws_takes_keys_and_ends_with_its_tab(browser, tmp_pat
     assert served.proc.returncode == 0, log
 
 
+def frame_box(png: bytes) -> tuple[int, int, int, int] | None:
+    """The help dialog's frame: (left, top, right, bottom) of its pixels, or None."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    mask = image.point(lambda v: 0).convert("L")
+    mask.putdata([255 if px == HELP_FRAME else 0 for px in image.get_flattened_data()])
+    return mask.getbbox()
+
+
+def test_a_small_browser_window_shows_the_app_and_the_whole_help(browser):
+    """At 1280x720 the app fills the page and the help dialog fits inside it, all four sides of
+    its frame on the screen (it was 92 columns wide and cut before), so it scrolls, not clips."""
+    served = Served("replay", str(REPLAY))
+    try:
+        small = {"width": 1280, "height": 720}
+        page = browser.new_page(viewport=small)
+        page.goto(served.url)
+        first_frame(page)  # the app's background over most of the page
+        page.mouse.click(small["width"] // 2, small["height"] // 2)
+        page.wait_for_timeout(300)
+        page.keyboard.press("?")
+        assert wait_until(lambda: help_frame(page.screenshot()) > 5000, 10)
+        left, top, right, bottom = frame_box(page.screenshot())
+        assert left > 0 and top > 0 and right < small["width"] and bottom < small["height"]
+        edges = page.screenshot()
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(edges)).convert("RGB")
+        for y in (top, bottom - 1):  # a whole border line at the top and at the bottom
+            row = [image.getpixel((x, y)) for x in range(left, right)]
+            assert sum(px == HELP_FRAME for px in row) > 0.9 * (right - left), y
+        page.close()
+    finally:
+        log = served.stop()
+    assert served.proc.returncode == 0, log
+
+
 def test_a_live_session_starts_workers_that_end_with_the_tab_and_the_cap_holds(browser,
                                                                              tiny_models):
     served = Served("--draft", str(tiny_models["draft_near"]), "--target",

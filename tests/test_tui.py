@@ -50,6 +50,20 @@ async def test_replay_shows_the_whole_run():
     assert app.return_code == 0
 
 
+async def test_stats_show_the_no_waste_model_and_why_amusd_is_capped_here():
+    """The recorded amusd run was on cpu:0 and cpu:1: the panel names what sharing one CPU
+    costs, and how close the run came to its no-waste model (amusd_viz/bound.py)."""
+    from amusd_viz.ui.widgets import StatsPanel
+
+    app = replay_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)
+        text = plain(app.query_one(StatsPanel))
+        assert "no-waste model" in text and "reached" in text
+        assert "capped: two cores of one CPU" in " ".join(text.split())
+        await pilot.press("q")
+
+
 async def test_inspector_follows_the_cursor():
     app = replay_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -144,38 +158,52 @@ async def test_save_writes_a_valid_log_and_trace(tmp_path):
     assert len(read_log(logs[0]).events) == len(read_log(PROSE).events)
 
 
-@pytest.mark.parametrize("size", [(100, 30), (80, 24), SIZE])
-async def test_every_pane_fits_a_small_terminal(size):
-    """Under 40 rows the charts shrink instead of pushing the stats and the inspector off the
-    screen (the screen would scroll, and its scrollbar covered the last chart); the legend wraps
-    in a narrow text pane instead of being cut."""
+SIZES = [(80, 24), (100, 30), (120, 40), SIZE]
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_every_pane_fits_and_keeps_the_essentials(size):
+    """At every size from 80x24 up: nothing scrolls off the screen; the header shows the mode,
+    the progress and the strategy before any model path; the inspector shows both top-5 lists
+    whole; the legend wraps instead of being cut; the footer offers the replay's keys, not a
+    live run's. Under 30 rows the charts give way (app.tcss)."""
     app = replay_app()
     async with app.run_test(size=size) as pilot:
         await pilot.pause(0.3)
+        app.cursor = 3
+        app._redraw(force=True)
+        await pilot.pause(0.1)
         assert app.screen.max_scroll_y == 0 and app.screen.max_scroll_x == 0
         footer_row = size[1] - 1
-        for pane in ("#timeline", "#text-pane", "#stats", "#inspector", "#charts"):
+        panes = ["#timeline", "#text-pane", "#stats", "#inspector"]
+        panes += ["#charts"] if size[1] >= 30 else []
+        for pane in panes:
             region = app.query_one(pane).region
             assert region.height >= 3 and region.bottom <= footer_row, (pane, region)
             assert region.right <= size[0], (pane, region)
+        assert app.query_one("#charts").display == (size[1] >= 30)
+        header = plain(app.query_one(RunHeader))[:size[0]]  # what fits on the line
+        assert "replay" in header and "64/64 tokens" in header and "amusd" in header
+        inspector = app.query_one(Inspector)
+        lines = plain(inspector).splitlines()
+        assert len(lines) <= inspector.region.height - 2, "the inspector is cut"
+        assert sum("%" in line for line in lines) >= 5  # the top-5 rows, each with both p
         legend = app.query_one("#legend")
         assert "pending draft" in plain(legend) and legend.region.height >= 1
         assert legend.virtual_size.width <= legend.region.width + 2  # wrapped, not cut
+        keys = {k for k, b in app.active_bindings.items() if b.binding.show}
+        assert {"j", "g", "less_than_sign"} <= keys and not keys & {"1", "2", "3", "n"}
 
 
-def test_snapshot_of_a_recorded_run(snap_compare):
-    assert snap_compare(replay_app(), terminal_size=SIZE, run_before=_settle)
-
-
-def test_snapshot_inspector_on_a_correction(snap_compare):
-    async def select_correction(pilot):
+@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
+def test_snapshot_at_every_size(snap_compare, size):
+    async def inspect(pilot):
         await _settle(pilot)
-        app = pilot.app
-        app.cursor = next(t.pos for t in app.state.tokens if t.how == "correction")
-        app._redraw(force=True)
+        pilot.app.cursor = next(t.pos for t in pilot.app.state.tokens if t.how == "correction")
+        pilot.app._redraw(force=True)
         await pilot.pause(0.1)
 
-    assert snap_compare(replay_app(), terminal_size=SIZE, run_before=select_correction)
+    assert snap_compare(replay_app(), terminal_size=size, run_before=inspect)
 
 
 async def _settle(pilot):
@@ -296,3 +324,16 @@ async def test_a_sampled_live_run_explains_each_verdict(tiny_models):
         await pilot.press("a")
         assert app.source.cfg.acceptance_rule == "coupled"
         await pilot.press("q")
+
+
+def test_the_readme_and_the_help_explain_the_colours_the_app_draws():
+    """One legend, one source (ui/palette.py): the README's tables and the help screen are made
+    from the styles the widgets draw with, and every mark the timeline can draw is explained."""
+    from amusd_viz.ui.app import HELP
+    from amusd_viz.ui.palette import PHASES, legend_markdown
+
+    readme = (ASSETS.parent / "README.md").read_text()
+    assert legend_markdown() in readme
+    for mark in PHASES:
+        assert f"| `{mark.glyph}` {mark.label} | {mark.colour_name()} |" in readme
+    assert "green =" not in HELP and "blue =" not in HELP  # no colour named by hand

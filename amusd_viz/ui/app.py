@@ -10,14 +10,16 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from rich.text import Text
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Footer, Input, Label, Markdown
+from textual.widgets import Footer, Input, Label, Markdown, Static
 
 from amusd_viz.ui import charts
+from amusd_viz.ui.palette import help_markdown, legend
 from amusd_viz.ui.sources import LiveSource, ReplaySource, Source
 from amusd_viz.ui.state import RunState
 from amusd_viz.ui.widgets import (
@@ -27,7 +29,6 @@ from amusd_viz.ui.widgets import (
     StatsPanel,
     Timeline,
     TokenStream,
-    legend,
 )
 
 TICK_S = 1 / 8  # redraw rate of the fast widgets (header, timeline, text)
@@ -58,25 +59,17 @@ both run at once on two devices; **sync** alternates them on one device; **ar** 
 | `←` `→` / `h` `l` | move the inspector's cursor over the tokens; `home` / `end` |
 | `space` | pause / resume the display (live) or the playback (replay) |
 | `+` `-` | zoom the timeline; `{` `}` scroll it; `f` follow the present |
-| `1` `2` `3` | re-run this prompt with ar, sync or amusd (charts overlay the runs) |
-| `[` `]` | lookahead down / up (for the next run) |
-| `t` / `a` | temperature 0 → 0.3 → 0.7 → 1.0 / acceptance rule coupled ↔ rejection (next run) |
-| `n` | a new prompt |
+| `1` `2` `3` | live: re-run this prompt with ar, sync or amusd (charts overlay the runs) |
+| `[` `]` | live: lookahead down / up (for the next run) |
+| `t` / `a` | live: temperature 0 → 0.3 → 0.7 → 1.0 / acceptance rule coupled ↔ rejection (next run) |
+| `n` | live: a new prompt |
+| `p` | the whole prompt (its start is above the text) |
 | `s` | save the event log and a Perfetto trace of this run |
-| `j` | replay: step to the next token; `g` seek; `<` `>` slower / faster |
+| `j` | replay: step to the next token; `g` seek (seconds, or #token); `<` `>` slower / faster |
 | `ctrl+p` | command palette |
 | `?` | this help; `escape` closes it |
 | `q` | quit (stops every worker) |
 
-**Token colours**: green = draft token the target accepted; magenta underlined = the target's
-correction, or under the rejection rule a token drawn from the residual max(0, p − q) (the
-rejected draft token is struck through in red just before it); bold cyan = bonus
-token after a fully accepted draft; italic = decoded by the target alone; dim = pending drafts not
-verified yet.
-
-**Timeline**: blue = draft steps, green = verify passes (number = tokens in the pass), yellow =
-prefill (number = tokens fed: the chat template's fixed preamble is cached when the models load,
-so only the rest of the prompt is fed), cyan = plain decode, ✕ = a rollback of the draft.
 """
 
 
@@ -85,7 +78,22 @@ class HelpScreen(ModalScreen):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help"):
-            yield Markdown(HELP)
+            yield Markdown(HELP + help_markdown())
+
+
+class FullPrompt(ModalScreen):
+    """The run's whole prompt (the line above the text shows its start)."""
+
+    BINDINGS = [Binding("escape,q,p", "dismiss", "close")]
+
+    def __init__(self, prompt: str) -> None:
+        super().__init__()
+        self.prompt = prompt
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Label("[b]the prompt[/b] (escape closes)")
+            yield Static(Text(self.prompt))
 
 
 class PromptScreen(ModalScreen[str | None]):
@@ -113,7 +121,8 @@ class PromptScreen(ModalScreen[str | None]):
 class AmusdApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "amusd-viz"
-    VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]  # app.tcss: the layout under 40 rows
+    # app.tcss: the layout under 44 rows, and under 30 (no charts)
+    VERTICAL_BREAKPOINTS = [(0, "-tiny"), (30, "-short"), (44, "-tall")]
     BINDINGS = [
         Binding("q", "quit", "quit"),
         Binding("question_mark", "help", "help"),
@@ -133,14 +142,18 @@ class AmusdApp(App):
         Binding("left_square_bracket", "lookahead(-1)", "look-", show=False),
         Binding("right_square_bracket", "lookahead(1)", "look+", show=False),
         Binding("n", "new_prompt", "new prompt"),
+        Binding("p", "show_prompt", "prompt", show=False),  # the prompt line says so
         Binding("t", "temperature", "temp", show=False),
         Binding("a", "acceptance", "rule", show=False),
         Binding("s", "save", "save"),
-        Binding("j", "step", "step", show=False),
-        Binding("g", "seek", "seek", show=False),
-        Binding("less_than_sign", "speed(0.5)", show=False),
-        Binding("greater_than_sign", "speed(2)", show=False),
+        Binding("j", "step", "step"),
+        Binding("g", "seek", "seek"),
+        Binding("less_than_sign", "speed(0.5)", "slower"),
+        Binding("greater_than_sign", "speed(2)", "faster"),
     ]
+    # the footer offers only what works in this mode
+    LIVE_ONLY = frozenset({"rerun", "new_prompt", "lookahead", "temperature", "acceptance"})
+    REPLAY_ONLY = frozenset({"step", "seek", "speed"})
 
     def __init__(self, source: Source, save_dir: Path | None = None,
                  warnings: tuple[str, ...] = ()) -> None:
@@ -165,6 +178,7 @@ class AmusdApp(App):
         yield Timeline(id="timeline")
         with Horizontal(id="middle"):
             with Vertical(id="text-pane"):
+                yield Label("", id="prompt-line")
                 yield Label(legend(), id="legend")
                 with VerticalScroll(id="text-scroll"):
                     yield TokenStream(id="tokens")
@@ -176,7 +190,7 @@ class AmusdApp(App):
             yield Chart(charts.throughput, id="chart-throughput")
             yield Chart(charts.accepted_histogram, id="chart-histogram")
             yield Chart(charts.acceptance_by_position, id="chart-position")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#timeline").border_title = "timeline: one lane per device"
@@ -227,19 +241,29 @@ class AmusdApp(App):
         if state.version != self._drawn or force:
             self._drawn = state.version
             self.query_one(RunHeader).show(state, status + self.source.status_suffix())
+            self._show_prompt_line(state.prompt)
             self.query_one(TokenStream).show(state, self.cursor)
             if self.cursor is None:
                 self.query_one("#text-scroll").scroll_end(animate=False)
         self.query_one(Timeline).show(state)
         now = time.monotonic()
-        if (state.version != self._slow_drawn and now - self._last_slow >= SLOW_TICK_S) or force:
+        # the slow widgets catch up at once whenever the run is not going on (done, paused)
+        settled = state.status != "generating" or self.paused
+        if ((state.version != self._slow_drawn and (settled or now - self._last_slow >= SLOW_TICK_S))
+                or force):
             self._slow_drawn, self._last_slow = state.version, now
             stats = state.stats()  # one pass over the run's events per slow redraw
-            self.query_one(StatsPanel).show(state, stats, self._ar_ms())
+            self.query_one(StatsPanel).show(state, stats, self._ar_ms(), self.source.can_rerun)
             self.query_one(Inspector).show(state, self.cursor)
             if force or state.status != "generating" or now - self._last_chart >= CHART_TICK_S:
                 self._last_chart = now
                 self._draw_charts(stats.acceptance_by_position)
+
+    def _show_prompt_line(self, prompt: str | None) -> None:
+        line = " ".join((prompt or "").split())
+        label = self.query_one("#prompt-line", Label)
+        label.display = bool(line)
+        label.update(Text.assemble(("prompt: ", "bold"), line, (" (p: all of it)", "grey50")))
 
     def _ar_ms(self) -> float | None:
         for run in reversed(self.history):
@@ -258,8 +282,20 @@ class AmusdApp(App):
         self.query_one("#chart-position", Chart).redraw(acceptance_by_position)
 
     # actions --------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """Live runs and replays have different keys: the other mode's are off (out of the
+        footer and the palette; the help lists both)."""
+        replay = not self.source.can_rerun
+        return action not in (self.LIVE_ONLY if replay else self.REPLAY_ONLY)
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
+
+    def action_show_prompt(self) -> None:
+        if self.state.prompt:
+            self.push_screen(FullPrompt(self.state.prompt))
+        else:
+            self.notify("this run's log does not record its prompt", severity="warning")
 
     def action_pause(self) -> None:
         self.paused = self.source.set_paused(not self.paused)

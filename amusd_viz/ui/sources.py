@@ -198,6 +198,9 @@ class ReplaySource(Source):
         self.paused = False
         first = next((e.t for e in events if e.type == "forward"), 0.0)
         self.start_t = max(0.0, first - REPLAY_LEAD_IN_S)
+        # the app's one clock: seconds since the prompt went in (RunState.started_at)
+        self.zero = next((e.started_at for e in events
+                          if e.type == "run_finished" and e.started_at is not None), first)
         self.clock = self.start_t
         self.end_t = max((e.t + (e.dur if isinstance(e, Forward) else 0.0) for e in events),
                          default=0.0)
@@ -239,8 +242,8 @@ class ReplaySource(Source):
         return self.speed
 
     def seek(self, target: str) -> list:
-        """`3.5` seeks to 3.5 s after playback's start; `#42` to just after token 42's commit.
-        Returns every event up to there: the app rebuilds its view from them."""
+        """`3.5` seeks to 3.5 s after the prompt went in (the header's clock); `#42` to just
+        after token 42's commit. Returns every event up to there: the app rebuilds its view from them."""
         stop = self._seek_index(target.strip())
         self.i = stop
         self.clock = max([self.start_t] + [e.t for e in self.events[:stop]])
@@ -258,7 +261,7 @@ class ReplaySource(Source):
                 raise ValueError(f"no token #{pos} in this log")
             return stop
         try:
-            when = self.start_t + float(target.rstrip("s"))
+            when = self.zero + float(target.rstrip("s"))
         except ValueError:
             raise ValueError(f"not a time or #position: {target!r}") from None
         return next((i for i, e in enumerate(self.events)
@@ -267,8 +270,8 @@ class ReplaySource(Source):
     def status_suffix(self) -> str:
         state = "paused" if self.paused else "replay"
         done = " (end)" if self.i >= len(self.events) else ""
-        return (f"{state} ×{self.speed:g} {self.clock - self.start_t:.1f}/"
-                f"{self.end_t - self.start_t:.1f} s{done}")
+        return (f"{state} ×{self.speed:g} {self.clock - self.zero:.1f}/"
+                f"{self.end_t - self.zero:.1f} s{done}")
 
 
 def lower_ui_priority() -> None:

@@ -10,30 +10,10 @@ from textual.widget import Widget
 from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
+from amusd_viz.bound import shared_compute
+from amusd_viz.ui.palette import GOOD, PHASE_STYLE, STYLES
 from amusd_viz.ui.state import RunState
 
-# How each token became final: colour *and* a second cue (weight, underline, italic, strike), so
-# the difference survives a colour-blind eye and both dark and light palettes.
-STYLES = {
-    "accepted": "green",
-    "cached": "green overline",  # an accepted draft handed over by the speculation cache
-    "correction": "bold magenta underline",
-    "resampled": "bold magenta underline",
-    "bonus": "bold cyan",
-    "decoded": "italic",
-    "rejected": "red strike",
-    "pending": "dim italic",
-}
-PHASE_STYLE = {
-    "load": ("·", "grey50"),
-    "prefill": ("▓", "yellow"),
-    "draft": ("█", "blue"),
-    "verify": ("█", "green"),
-    "decode": ("█", "cyan"),
-    "lookup": ("│", "magenta"),  # the n-gram drafter: an instant step
-    "branch": ("▒", "dark_orange"),  # amusd's speculation cache: a step on a bet
-    "lent": ("░", "green"),  # amusd on two CPU cores: the draft's core runs a target pass
-}
 LANE_LABEL_WIDTH = 16  # "target cpu:0    " before each lane's bar
 TICK_EVERY_CELLS = 16  # one time label on the axis every this many cells
 MIN_TIMELINE_CELLS = 10
@@ -41,19 +21,9 @@ MIN_SECONDS_PER_CELL, MAX_SECONDS_PER_CELL = 0.002, 5.0  # zoom limits
 FOLLOW_AT = 0.95  # while following, "now" sits this far across the window
 INSPECTOR_TOP_K = 5  # candidates shown per model (the events carry the top-5)
 BAR_CELLS = 6  # width of a probability bar in the inspector
+LOOKUP = PHASE_STYLE["lookup"][1]
 STATUS_STYLE = {"loading": "yellow", "generating": "bold green", "done": "bold blue",
-                "error": "bold red", "paused": "bold yellow"}
-
-
-def legend() -> Text:
-    text = Text("legend: ")
-    for how, label in (("accepted", "accepted draft"), ("cached", "from the cache"),
-                       ("correction", "correction"),
-                       ("bonus", "bonus"), ("decoded", "target's own"),
-                       ("rejected", "rejected draft"), ("pending", "pending draft")):
-        text.append(label, STYLES[how])
-        text.append("  ")
-    return text
+                "error": "bold red", "paused": "bold yellow", "replay": "bold green"}
 
 
 def visible_text(s: str) -> str:
@@ -64,25 +34,28 @@ class RunHeader(Static):
     """Models, devices, dtype, strategy, lookahead and the run's state."""
 
     def show(self, state: RunState, extra: str = "") -> None:
+        """What matters most comes first, the models last: a narrow terminal cuts the end."""
         status = extra or state.status
         t = Text()
         t.append(" amusd-viz ", "bold reverse")
+        t.append(f" ● {status}", STATUS_STYLE.get(status.split()[0], "bold"))
+        if state.tokens or state.status == "generating":
+            t.append(f"  {len(state.tokens)}/{state.max_new_tokens} tokens")
+            if not extra:  # a replay's status carries its own clock
+                t.append(f" · {state.elapsed():.1f} s")
         t.append(f"  {state.strategy or '-'}", "bold")
-        if state.draft:
-            t.append(f"  draft {state.draft} @ {state.draft_device}")
-        t.append(f"  target {state.target or '-'} @ {state.target_device or '-'}")
-        t.append(f"  {state.dtype}")
+        if state.strategy != "ar":
+            t.append(f" k={state.lookahead}")
         if state.temperature:
             t.append(f"  {state.sampling_label}", "bold yellow")
-        if state.strategy != "ar":
-            t.append(f"  lookahead {state.lookahead}")
-        t.append(f"  ● {status}", STATUS_STYLE.get(status.split()[0], "bold"))
-        if state.status == "generating":
-            t.append(f" {len(state.tokens)}/{state.max_new_tokens} tokens, {state.elapsed():.1f} s")
-        if state.message:
-            t.append(f"  {state.message}", "italic")
         for role in state.lost:
             t.append(f"  ⚠ {role} worker lost (the target went on alone)", "bold red")
+        if state.message:
+            t.append(f"  {state.message}", "italic")
+        if state.draft:
+            t.append(f"  draft {state.draft} @ {state.draft_device}", "grey70")
+        t.append(f"  target {state.target or '-'} @ {state.target_device or '-'}", "grey70")
+        t.append(f"  {state.dtype}", "grey70")
         self.update(t)
 
 
@@ -163,11 +136,12 @@ class Timeline(Widget):
                 for t, _pos, _n in self.state.rollbacks:
                     if t0 <= t <= t1:
                         marks[min(width - 1, int((t - t0) / cell))] = "✕"
-                rows.append(Text(" rollback       ▕" + "".join(marks), "red"))
+                rows.append(Text(" rollback       ▕" + "".join(marks), PHASE_STYLE["rollback"][1]))
         axis = Text(" " * LANE_LABEL_WIDTH + "▕")
         ticks = max(1, width // TICK_EVERY_CELLS)
+        zero = self.state.started_at or 0.0  # one clock: seconds since the prompt went in
         for k in range(ticks):
-            label = f"{t0 + k * TICK_EVERY_CELLS * cell:.2f}"
+            label = f"{t0 + k * TICK_EVERY_CELLS * cell - zero:.2f}s"
             axis.append(label.ljust(TICK_EVERY_CELLS)[:TICK_EVERY_CELLS], "grey50")
         rows.append(axis)
         mode = "following" if self.follow else "paused view"
@@ -201,7 +175,9 @@ class TokenStream(Static):
 
 
 class StatsPanel(Static):
-    def show(self, state: RunState, s, ar_ms: float | None) -> None:
+    def show(self, state: RunState, s, ar_ms: float | None, live: bool = True) -> None:
+        """The run's statistics (`ar_ms`: an ar run's on this prompt, where one ran; the token
+        count is the header's, drawn from the same state)."""
         table = Table.grid(padding=(0, 1))
         table.add_column(style="grey50")
         table.add_column(justify="right")
@@ -212,9 +188,11 @@ class StatsPanel(Static):
         ms = s.ms_per_token
         if ms is None and state.tokens and state.elapsed():
             ms = 1000 * state.elapsed() / len(state.tokens)
-        table.add_row("tokens", f"{len(state.tokens)}")
         table.add_row("ms / token", "-" if ms is None else f"{ms:.0f}")
-        table.add_row("speedup vs ar", "-" if not (ar_ms and ms) else f"{ar_ms / ms:.2f}×")
+        if ar_ms and ms:
+            table.add_row("speedup vs ar", f"{ar_ms / ms:.2f}×")
+        elif live and state.strategy != "ar":
+            table.add_row("speedup vs ar", Text("press 1 to run ar", "grey50"))
         table.add_row("accepted / pass", "-" if s.mean_accepted_per_pass is None
                       else f"{s.mean_accepted_per_pass:.2f}")
         table.add_row("acceptance", pct(s.acceptance_rate))
@@ -229,12 +207,17 @@ class StatsPanel(Static):
             table.add_row("tree hits", f"{s.tree_hits} (+{s.tree_tokens} tokens)")
         table.add_row("rollbacks", f"{s.rollbacks}")
         table.add_row("wasted drafts", f"{s.wasted_draft_tokens}")
+        if s.best_ms_per_token is not None:  # amusd_viz/bound.py: these pass times, no waste
+            table.add_row("no-waste model", f"{s.best_ms_per_token:.0f} ms/tok")
+            table.add_row("reached", pct(s.best_ms_per_token / ms) if ms else "-")
         for device, share in s.busy.items():
             table.add_row(f"busy {device}", pct(share))
         table.add_row("both busy", pct(s.overlap))
         if state.lost:
             table.add_row("lost", ", ".join(state.lost), style="red")
-        self.update(table)
+        reason = shared_compute(state.strategy, state.target_device, state.draft_device)
+        self.update(table if not reason else Group(table, Text(f"capped: {reason}",
+                                                               "grey50 italic")))
 
 
 class Inspector(Static):
@@ -250,13 +233,14 @@ class Inspector(Static):
         head.append(repr(tok.text), STYLES.get(tok.how, ""))
         head.append(f"  {tok.how}\n")
         if tok.how in ("correction", "resampled") and tok.pos in state.rejected:
-            head.append(f"draft proposed {state.rejected[tok.pos][1]!r}: rejected", "red")
+            head.append(f"draft proposed {state.rejected[tok.pos][1]!r}: rejected",
+                        STYLES["rejected"].split()[0])
             if tok.how == "resampled":
-                head.append("; this token was drawn from the residual max(0, p − q)", "magenta")
+                head.append("; this token was drawn from the residual max(0, p − q)", STYLES["resampled"])
         elif tok.how == "accepted":
-            head.append("draft and target agreed", "green")
+            head.append("draft and target agreed", STYLES["accepted"])
         elif tok.how == "bonus":
-            head.append("all drafts accepted; the target added this one", "cyan")
+            head.append("all drafts accepted; the target added this one", STYLES["bonus"])
         else:
             head.append("the target decoded this without a draft to check")
         proposal = state.judged.get(tok.pos) or state.proposals.get(tok.pos)
@@ -265,10 +249,12 @@ class Inspector(Static):
         table.add_column()
         table.add_column()
         table.add_row(Text("draft top-5", "bold"), Text("target top-5", "bold"))
+        # two columns of bars need 2 × BAR_LINE + 2 cells inside the borders, else no bars
+        cells = BAR_CELLS if self.content_size.width >= 2 * BAR_LINE + 2 else 0
         for i in range(INSPECTOR_TOP_K):
-            table.add_row(_bar(draft_top[i]) if i < len(draft_top) else
+            table.add_row(_bar(draft_top[i], cells) if i < len(draft_top) else
                           Text("(no proposal)" if i == 0 else "", "grey50"),
-                          _bar(tok.top[i]) if i < len(tok.top) else Text(""))
+                          _bar(tok.top[i], cells) if i < len(tok.top) else Text(""))
         reasons = [r for r in (lookup_source(state, proposal), cache_source(state, tok),
                                why(state, tok)) if r is not None]
         self.update(Group(head, *reasons, table))
@@ -280,18 +266,18 @@ def lookup_source(state: RunState, proposal) -> Text | None:
     if proposal is not None and proposal.guessed:
         return Text("\nlookup guess: the text had gone on this way before, so the draft's pass "
                     "for the token before also fed this one; the draft chose it there (one "
-                    "pass, two drafts)", "magenta")
+                    "pass, two drafts)", LOOKUP)
     if proposal is None or proposal.ngram_from is None:
         return None
     at, n = proposal.ngram_from, proposal.ngram_n
-    line = Text(f"\nn-gram lookup: after an earlier occurrence of the last {n} token(s), ", "magenta")
+    line = Text(f"\nn-gram lookup: after an earlier occurrence of the last {n} token(s), ", LOOKUP)
     if at < state.prompt_tokens:
-        line.append(f"copied from the prompt (token {at} of {state.prompt_tokens})", "magenta")
+        line.append(f"copied from the prompt (token {at} of {state.prompt_tokens})", LOOKUP)
         return line
     pos = at - state.prompt_tokens
     before = "".join(t.text for t in state.tokens[max(0, pos - 6):pos])
-    line.append(f"copied from the text at position {pos}: …{before}", "magenta")
-    line.append(f"[{proposal.text}]", "bold magenta")
+    line.append(f"copied from the text at position {pos}: …{before}", LOOKUP)
+    line.append(f"[{proposal.text}]", f"bold {LOOKUP}")
     return line
 
 
@@ -326,15 +312,19 @@ def why(state: RunState, tok) -> Text | None:
     else:
         verdict = ("rejected: the target's seeded sample differs" if rejected
                    else "accepted: draft and target drew the same token with the same noise")
-    line.append(f"\n{verdict}", "red" if rejected else "green")
+    line.append(f"\n{verdict}", STYLES["rejected"].split()[0] if rejected else GOOD)
     return line
 
 
+BAR_LINE = 12 + BAR_CELLS + 6  # a candidate with its bar: text, bar, percentage
+
+
 def _bar(candidate, width: int = BAR_CELLS) -> Text:
+    """A candidate and its probability; `width` 0: no bar (a narrow inspector)."""
     text, p = candidate.text, candidate.p
     filled = round(p * width)
-    line = Text(f"{text!r:<12.12}")
-    line.append("█" * filled + "·" * (width - filled), "green")
+    line = Text(f"{text!r:<12.12}" if width else f"{text!r:<10.10}")
+    line.append("█" * filled + "·" * (width - filled), GOOD)
     line.append(f"{p:6.1%}")
     return line
 
