@@ -148,17 +148,23 @@ def test_a_rerun_with_another_strategy_resolves_its_own_devices():
 
 
 def test_draft_quantization_follows_the_device_the_draft_runs_on(monkeypatch):
-    """sync loads the draft beside the target: with the target on a GPU, `auto` must not pick
-    int8 just because --draft-device names a CPU core."""
+    """sync loads the draft beside the target unless given a device per model: with the target
+    on a GPU, `auto` must not pick int8; a GPU target with a CPU-core draft is amusd's (its own
+    worker), never sync's one process taking turns on mixed kinds."""
     from amusd_viz.config import RunConfig
     from amusd_viz.engine import devices
     from amusd_viz.errors import UserError
 
     monkeypatch.setattr(devices, "cuda_count", lambda: 2)
-    sync = devices.resolve_run(RunConfig(strategy="sync", target_device_option="cuda",
-                                         draft_device_option="cpu:1"))
-    assert sync.target_device == "cuda:0"  # `cuda` and `cuda:0` are one device
+    sync = devices.resolve_run(RunConfig(strategy="sync", target_device_option="cuda"))
+    assert (sync.target_device, sync.draft_device) == ("cuda:0", "cuda:0")  # one device
     assert sync.draft_quant == "none"
+    two = devices.resolve_run(RunConfig(strategy="sync", target_device_option="cuda:0",
+                                        draft_device_option="cuda:1"))
+    assert (two.draft_device, two.draft_quant) == ("cuda:1", "none")
+    with pytest.raises(UserError, match="mix kinds"):
+        devices.resolve_run(RunConfig(strategy="sync", target_device_option="cuda",
+                                      draft_device_option="cpu:1"))
     amusd = devices.resolve_run(RunConfig(strategy="amusd", target_device_option="cuda:0",
                                           draft_device_option="cpu:1"))
     assert amusd.draft_quant == "int8"  # its own worker, on a CPU core

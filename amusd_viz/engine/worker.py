@@ -148,7 +148,7 @@ def _load_models(spec: WorkerSpec, devices, schedule, events):
     """Load this worker's model(s) on their devices (target's, draft's), warm them up, and
     report each as ready."""
     from amusd_viz.config import parse_ngram
-    from amusd_viz.engine.devices import device_info, on_core
+    from amusd_viz.engine.devices import device_info
     from amusd_viz.events import WorkerReady
 
     device, draft_device = devices
@@ -171,13 +171,7 @@ def _load_models(spec: WorkerSpec, devices, schedule, events):
         draft = _load(spec.draft_src, spec.dtype, draft_device.torch_device,
                       target.tokenizer if target else None, spec.draft_quant,
                       pack=not stock, preamble=preamble)
-    for runner in (target, draft):
-        if runner is not None and schedule is not None and not runner.phase_name:
-            runner.turn = schedule.device_turn  # a shared device; a lookup needs no turn
-    if target and draft and draft_device != device and draft_device.kind == "cpu":
-        # sync on two CPU cores in one process: each model's passes on its own core
-        target.turn = functools.partial(on_core, device.index or 0)
-        draft.turn = functools.partial(on_core, draft_device.index or 0)
+    _assign_turns((target, draft), devices, schedule)
     now = time.perf_counter_ns()
     for role, runner, on in (("target", target, device), ("draft", draft, draft_device)):
         if runner is not None:
@@ -185,6 +179,20 @@ def _load_models(spec: WorkerSpec, devices, schedule, events):
                                     pid=os.getpid(), load_s=(now - start) / 1e9,
                                     device_info=device_info(on)))
     return target, draft
+
+
+def _assign_turns(models, devices, schedule) -> None:
+    """What each model's passes wait for or move to: the baton on a shared device, or (sync on
+    two CPU cores in one process) the model's own core."""
+    from amusd_viz.engine.devices import on_core
+
+    for runner in models:
+        if runner is not None and schedule is not None and not runner.phase_name:
+            runner.turn = schedule.device_turn  # a shared device; a lookup needs no turn
+    (target, draft), (device, draft_device) = models, devices
+    if target and draft and draft_device != device and draft_device.kind == "cpu":
+        target.turn = functools.partial(on_core, device.index or 0)
+        draft.turn = functools.partial(on_core, draft_device.index or 0)
 
 
 def _serve(spec: WorkerSpec, req, models, devices: tuple[str, str], link, emit):
