@@ -65,16 +65,15 @@ def best_for(strategy: str, separate_devices: bool, a: float | None, target_s: f
 
 def shared_compute(strategy: str | None, target_device: str | None,
                    draft_device: str | None) -> str | None:
-    """Why amusd on these devices cannot beat sync by much, in one line, or None: its two
-    workers share one device (they take turns, as sync's models do), or two cores of one CPU
-    (sync runs every pass on both cores; amusd gives each model one, and they share the memory
-    bus: at most 2/s faster than sync, s ~1.65 on the 2-core VM, docs/benchmarks.md)."""
+    """What caps amusd on these devices near sync, in a few words, or None: its two workers
+    share one device (they take turns, as sync's models do), or two cores of one CPU (sync runs
+    every pass on both cores; amusd gives each model one, and they share the memory bus: at most
+    2/s faster than sync, s ~1.65 on the 2-core VM, docs/benchmarks.md)."""
     if strategy != "amusd" or not target_device:
         return None
     draft = draft_device or target_device
     if draft == target_device:
-        return "one device: the two workers take turns on it, as sync's models do"
+        return "one shared device"
     if target_device.startswith("cpu:") and draft.startswith("cpu:"):
-        return ("two cores of one CPU: sync runs every pass on both, amusd gives each model "
-                "one (and they share the memory bus)")
+        return "two cores of one CPU"
     return None

@@ -141,6 +141,23 @@ class PacedShared(SharedState):
             time.sleep(self.PACE_S)
 
 
+def draft_step_s(runner, prompt: tuple[int, ...]) -> float:
+    """This host's time for one draft step past `prompt` (median of five). The paced target
+    must leave the draft a few steps between verdicts for the draft to be seen at all: ~1 ms a
+    step on the Xeon, several on a CPU without AVX-512."""
+    runner.begin()
+    seq = list(prompt)
+    runner.forward(seq)  # the prefill
+    times = []
+    for token in prompt[:5]:
+        seq.append(token)
+        start = time.perf_counter()
+        runner.forward(seq)
+        times.append(time.perf_counter() - start)
+    runner.begin()
+    return sorted(times)[len(times) // 2]
+
+
 def watch_visibility(monkeypatch, shared: SharedState) -> Counter:
     """Check, each time amusd's draft is about to choose a step that is not its pass's first
     (only after a lookup guess held), that every draft it chose before in that pass is already

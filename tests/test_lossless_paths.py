@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 import lossless_paths as lp
 import pytest
 import torch
-from lossless_paths import Case, Paths, SlowTarget, exact_distribution, make_link, run_amusd, run_sync
+from lossless_paths import (
+    Case,
+    PacedShared,
+    Paths,
+    SlowTarget,
+    draft_step_s,
+    exact_distribution,
+    make_link,
+    run_amusd,
+    run_sync,
+)
 from sampling_cases import tv, tv_bound
 
 # (18 19 54 78 18 19 54): after the target's first token 78 (its likeliest), the text's tail
@@ -119,6 +129,8 @@ def outcomes(runners, variant: Variant, draws: int,
         return [run_sync(target, draft, variant.case, seed, paths, rule, **variant.flags)
                 for seed in range(draws)], paths
     link = make_link(variant.schedule, target.vocab, **variant.flags)
+    if variant.schedule == "lend":  # the pace that lets the draft draft, rest and be seen
+        link.shared.PACE_S = max(PacedShared.PACE_S, 3 * draft_step_s(draft, variant.case.prompt))
     if variant.slow_s:
         target = SlowTarget(target, variant.slow_s)
     return [run_amusd(target, draft, variant.case, seed, link, paths, rule)

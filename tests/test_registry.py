@@ -47,6 +47,22 @@ def test_hub_model_offline_is_a_clear_error(offline):
     assert "hf download" in message
 
 
+def test_every_missing_model_is_named_at_once(offline, monkeypatch):
+    """The headline command offline names both models in one message (not the target, then
+    the draft after a download), and says that Meta's Llama needs a licence and a login."""
+    with pytest.raises(UserError) as exc:
+        registry.resolve_pair("llama-7b", "tinyllama")
+    message = str(exc.value)
+    assert "meta-llama/Llama-2-7b-chat-hf" in message and "TinyLlama/TinyLlama-1.1B-Chat-v1.0" in message
+    assert "hf download TinyLlama/TinyLlama-1.1B-Chat-v1.0" in message
+    assert "licence" in message and "hf auth login" in message
+    with pytest.raises(UserError) as exc:  # an open model alone: no word about a licence
+        registry.resolve_pair("qwen2.5-7b", None)
+    assert "licence" not in str(exc.value) and "Qwen/Qwen2.5-7B-Instruct" in str(exc.value)
+    res, draft = registry.resolve_pair("qwen-coder-1.5b", None)  # the bundled pair needs no hub
+    assert res.source == "bundled" and draft is None
+
+
 def test_unreachable_hub_fails_fast(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

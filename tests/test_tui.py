@@ -60,7 +60,7 @@ async def test_stats_show_the_no_waste_model_and_why_amusd_is_capped_here():
         await pilot.pause(0.3)
         text = plain(app.query_one(StatsPanel))
         assert "no-waste model" in text and "reached" in text
-        assert "capped: two cores of one CPU" in " ".join(text.split())
+        assert "capped by two cores of one CPU" in " ".join(text.split())
         await pilot.press("q")
 
 
@@ -167,6 +167,8 @@ async def test_every_pane_fits_and_keeps_the_essentials(size):
     the progress and the strategy before any model path; the inspector shows both top-5 lists
     whole; the legend wraps instead of being cut; the footer offers the replay's keys, not a
     live run's. Under 30 rows the charts give way (app.tcss)."""
+    from amusd_viz.ui.palette import LABELS, LEGEND_KEYS
+
     app = replay_app()
     async with app.run_test(size=size) as pilot:
         await pilot.pause(0.3)
@@ -191,6 +193,10 @@ async def test_every_pane_fits_and_keeps_the_essentials(size):
         legend = app.query_one("#legend")
         assert "pending draft" in plain(legend) and legend.region.height >= 1
         assert legend.virtual_size.width <= legend.region.width + 2  # wrapped, not cut
+        lines = plain(legend).split("\n")
+        for key in LEGEND_KEYS:  # broken between entries, never inside one
+            assert any(LABELS[key] in line for line in lines), LABELS[key]
+        assert max(len(line.rstrip()) for line in lines) <= legend.size.width
         keys = {k for k, b in app.active_bindings.items() if b.binding.show}
         assert {"j", "g", "less_than_sign"} <= keys and not keys & {"1", "2", "3", "n"}
 

@@ -102,9 +102,9 @@ def _max_context(source: str) -> int | None:
 def prepare(cfg: RunConfig, log=lambda m: print(m, file=sys.stderr)) -> Prepared:
     """Resolve both models (the draft even for `ar`, so the TUI can re-run with sync or amusd),
     convert them once if needed, and check that they share a tokenizer."""
-    target_res = registry.resolve(cfg.target)
     ngram_n = cfg.ngram_n  # the n-gram drafter: no model, it works on the target's ids
-    draft_res = registry.resolve(cfg.draft) if cfg.draft and ngram_n is None else None
+    target_res, draft_res = registry.resolve_pair(
+        cfg.target, cfg.draft if cfg.draft and ngram_n is None else None)
     target_src = materialize(target_res, log)
     draft_src = materialize(draft_res, log) if draft_res else None
     tokenizer = load_tokenizer(target_src)

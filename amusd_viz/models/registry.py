@@ -177,12 +177,50 @@ def resolve(name: str) -> Resolved:
         return Resolved(shown, spec, "bundled",
                         converted_dir(spec) if is_converted(spec) else None, hub_id)
     if hub_offline() or not hub_reachable():
-        why = "HF_HUB_OFFLINE is set" if hub_offline() else f"the hub ({hub_host()}) cannot be reached"
-        raise UserError(f"model {shown!r} ({hub_id}) is not available offline: it is not in the "
-                        f"Hugging Face cache and {why}. Download it where the hub is reachable "
-                        f"(`hf download {hub_id}`) and copy the cache here, or pass a local "
-                        "directory with --draft/--target.")
+        raise NotOffline([(shown, hub_id)])
     return Resolved(shown, spec, "hub", None, hub_id)
+
+
+class NotOffline(UserError):
+    """Models that are neither local, cached nor bundled, while the hub is out of reach."""
+
+    def __init__(self, missing: list[tuple[str, str]]) -> None:
+        self.missing = missing  # (name as shown, hub id)
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else f"the hub ({hub_host()}) cannot be reached"
+        models = " and ".join(f"{name!r} ({hub_id})" for name, hub_id in missing)
+        verb = "is" if len(missing) == 1 else "are"
+        downloads = "; ".join(f"`hf download {hub_id}`" for _, hub_id in missing)
+        gated = [hub_id for _, hub_id in missing if needs_licence(hub_id)]
+        licence = (f" {' and '.join(gated)} {'needs' if len(gated) == 1 else 'need'} Meta's "
+                   "licence accepted on its hub page and `hf auth login` first."
+                   if gated else "")
+        super().__init__(
+            f"model {models} {verb} not available offline: not in the Hugging Face cache and "
+            f"{why}. Download where the hub is reachable ({downloads}) and copy the cache here, "
+            f"or pass a local directory with --draft/--target.{licence}")
+
+
+def needs_licence(hub_id: str) -> bool:
+    """Meta's Llama weights are gated: a download needs the licence accepted and a login."""
+    return hub_id.lower().startswith("meta-llama/")
+
+
+def resolve_pair(target: str, draft: str | None) -> tuple[Resolved, Resolved | None]:
+    """Both models, naming every one that cannot be had offline in one message (not the target
+    now and the draft after the user has fetched it)."""
+    found: list[Resolved | None] = []
+    missing: list[tuple[str, str]] = []
+    for name in (target, draft):
+        try:
+            found.append(resolve(name) if name else None)
+        except NotOffline as e:
+            missing += e.missing
+            found.append(None)
+    if missing:
+        raise NotOffline(missing)
+    target_res, draft_res = found
+    assert target_res is not None
+    return target_res, draft_res
 
 
 def hub_host() -> str:

@@ -19,12 +19,13 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, Markdown, Static
 
 from amusd_viz.ui import charts
-from amusd_viz.ui.palette import help_markdown, legend
+from amusd_viz.ui.palette import help_markdown
 from amusd_viz.ui.sources import LiveSource, ReplaySource, Source
 from amusd_viz.ui.state import RunState
 from amusd_viz.ui.widgets import (
     Chart,
     Inspector,
+    Legend,
     RunHeader,
     StatsPanel,
     Timeline,
@@ -69,6 +70,12 @@ both run at once on two devices; **sync** alternates them on one device; **ar** 
 | `ctrl+p` | command palette |
 | `?` | this help; `escape` closes it |
 | `q` | quit (stops every worker) |
+
+**Stats**: *solo target passes* verified no draft (the draft had nothing ready); *no-waste
+model* is the ms/token this run's pass times would give if no draft were wasted and no worker
+waited, and *reached* how close the run came; *capped by* says why amusd cannot get far ahead of
+sync here: on one shared device its workers take turns, and on two cores of one CPU sync gives
+every pass both cores while amusd gives each model one.
 
 """
 
@@ -179,7 +186,7 @@ class AmusdApp(App):
         with Horizontal(id="middle"):
             with Vertical(id="text-pane"):
                 yield Label("", id="prompt-line")
-                yield Label(legend(), id="legend")
+                yield Legend(id="legend")
                 with VerticalScroll(id="text-scroll"):
                     yield TokenStream(id="tokens")
             with Vertical(id="side"):

@@ -83,12 +83,18 @@ def rgb(hex_colour: str) -> tuple[int, int, int]:
     return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
 
 
-def legend() -> Text:
-    """The line above the generated text."""
+def legend(width: int = 0) -> Text:
+    """The line above the generated text; wider than `width` (when given), it breaks between
+    entries, never inside one ("pending" and "draft" on two lines read as two entries)."""
     text = Text("legend: ")
+    line = len(text)
     for key in LEGEND_KEYS:
+        if width and line > len("legend: ") and line + len(LABELS[key]) > width:
+            text.append("\n")
+            line = 0
         text.append(LABELS[key], STYLES[key])
         text.append("  ")
+        line += len(LABELS[key]) + 2
     return text
 
 

@@ -11,7 +11,7 @@ from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
 from amusd_viz.bound import shared_compute
-from amusd_viz.ui.palette import GOOD, PHASE_STYLE, STYLES
+from amusd_viz.ui.palette import GOOD, PHASE_STYLE, STYLES, legend
 from amusd_viz.ui.state import RunState
 
 LANE_LABEL_WIDTH = 16  # "target cpu:0    " before each lane's bar
@@ -150,6 +150,16 @@ class Timeline(Widget):
         return Group(*rows)
 
 
+class Legend(Static):
+    """The token colours above the text, broken between entries to fit the pane's width."""
+
+    def on_mount(self) -> None:
+        self.update(legend())
+
+    def on_resize(self, event) -> None:
+        self.update(legend(self.size.width))  # the number of lines follows the width
+
+
 class TokenStream(Static):
     """The generated text, each token styled by how it became final; the inspector's cursor is
     reverse-video; pending drafts trail dim after the committed text."""
@@ -210,14 +220,15 @@ class StatsPanel(Static):
         if s.best_ms_per_token is not None:  # amusd_viz/bound.py: these pass times, no waste
             table.add_row("no-waste model", f"{s.best_ms_per_token:.0f} ms/tok")
             table.add_row("reached", pct(s.best_ms_per_token / ms) if ms else "-")
+        capped_by = shared_compute(state.strategy, state.target_device, state.draft_device)
+        if capped_by:  # why amusd cannot get far ahead of sync here (the help says more)
+            table.add_row("capped by", Text(capped_by, "italic"))
         for device, share in s.busy.items():
             table.add_row(f"busy {device}", pct(share))
         table.add_row("both busy", pct(s.overlap))
         if state.lost:
             table.add_row("lost", ", ".join(state.lost), style="red")
-        reason = shared_compute(state.strategy, state.target_device, state.draft_device)
-        self.update(table if not reason else Group(table, Text(f"capped: {reason}",
-                                                               "grey50 italic")))
+        self.update(table)
 
 
 class Inspector(Static):
