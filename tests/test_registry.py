@@ -47,7 +47,7 @@ def test_hub_model_offline_is_a_clear_error(offline):
     assert "hf download" in message
 
 
-def test_every_missing_model_is_named_at_once(offline, monkeypatch):
+def test_every_missing_model_is_named_at_once(offline):
     """The headline command offline names both models in one message (not the target, then
     the draft after a download), and says that Meta's Llama needs a licence and a login."""
     with pytest.raises(UserError) as exc:

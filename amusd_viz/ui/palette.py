@@ -87,9 +87,9 @@ def legend(width: int = 0) -> Text:
     """The line above the generated text; wider than `width` (when given), it breaks between
     entries, never inside one ("pending" and "draft" on two lines read as two entries)."""
     text = Text("legend: ")
-    line = len(text)
+    start = line = len(text)
     for key in LEGEND_KEYS:
-        if width and line > len("legend: ") and line + len(LABELS[key]) > width:
+        if width and line > start and line + len(LABELS[key]) > width:
             text.append("\n")
             line = 0
         text.append(LABELS[key], STYLES[key])

@@ -156,7 +156,7 @@ class Legend(Static):
     def on_mount(self) -> None:
         self.update(legend())
 
-    def on_resize(self, event) -> None:
+    def on_resize(self) -> None:
         self.update(legend(self.size.width))  # the number of lines follows the width
 
 
