@@ -24,6 +24,7 @@ from sampling_cases import (
     DRAWS,
     MUTATION_DRAWS,
     CountingTarget,
+    Memo,
     empirical,
     exact_distribution,
     request,
@@ -174,7 +175,7 @@ def runners(tiny_models, tmp_path_factory):
                         noise_from=tiny_models["target"], noise=1.0)
     target = _load(str(tiny_models["target"]), "float32", "cpu", pack=False)
     draft = _load(str(medium), "float32", "cpu", target.tokenizer, pack=False)
-    return target, draft
+    return Memo(target), Memo(draft)
 
 
 @pytest.fixture(scope="module")
