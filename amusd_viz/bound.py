@@ -77,3 +77,18 @@ def shared_compute(strategy: str | None, target_device: str | None,
     if target_device.startswith("cpu:") and draft.startswith("cpu:"):
         return "two cores of one CPU"
     return None
+
+
+# An extra token in a pass costing over a quarter of a one-token pass (a 9-token pass over 3x
+# one token's): a CPU without matrix units (AVX2 only), measured at 0.7-0.8 in bf16 and 0.36 in
+# float32 on a first-generation EPYC, against ~0.02 on a Xeon with AMX and on GPUs. There no
+# draft pays for its place in a verify pass (engine/length.py, planner.py).
+DEAR_TOKEN = 0.25
+
+
+def dear_tokens(strategy: str | None, extra_token: float | None) -> str | None:
+    """Why a speculative run decoded plainly, in a few words (an extra token's cost in a pass,
+    in one-token passes), or None."""
+    if strategy in (None, "ar") or extra_token is None or extra_token <= DEAR_TOKEN:
+        return None
+    return f"extra token {extra_token:.2f}× a pass"

@@ -134,7 +134,9 @@ def add_tuning_options(p: argparse.ArgumentParser) -> None:
                    help="sync and amusd: draft only as far as the draft's own confidence makes "
                         "a token worth its step (the lookahead stays the most); amusd's draft "
                         "rests when no step is worth it, and on one shared device ends its "
-                        "turn as sync would (default: on)")
+                        "turn as sync would. Where a pass's extra tokens are dear (a CPU "
+                        "without matrix units, timed at load), drafts step aside and the "
+                        "target decodes alone; off speculates anyway (default: on)")
     g.add_argument("--spec-cache", choices=on_off, default="on",
                    help="amusd: while the target verifies, also draft on branches that bet on "
                         "its likeliest corrections, so that a hit hands it drafts at once, and "

@@ -83,6 +83,11 @@ class WorkerReady(_Event):
     load_s: float
     model: str = ""
     device_info: dict = Field(default_factory=dict)  # engine.devices.device_info
+    # timed at load (engine/estimate.PassCost): a one-token pass, and what each further token
+    # in the same pass adds, in one-token passes (~0.02 on a GPU or a CPU with matrix units,
+    # ~0.8 on an AVX2-only CPU in bf16); None for a lookup drafter
+    pass_s: float | None = None
+    extra_token: float | None = None
 
 
 class Forward(_Event):

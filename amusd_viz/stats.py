@@ -23,6 +23,7 @@ from amusd_viz.events import (
     TokenCommitted,
     VerifyResult,
     WorkerLost,
+    WorkerReady,
 )
 
 
@@ -74,6 +75,9 @@ class RunStats:
     # the same strategy with these pass times and this acceptance but no waste (amusd_viz/bound.py)
     best_ms_per_token: float | None = None
     best_drafts: int | None = None
+    # what an extra token in a target pass costs, in one-token passes (timed at load): over
+    # estimate.PassCost.DEAR no draft pays for its place in a pass, and the drafts step aside
+    extra_token: float | None = None
     busy: dict[str, float] = field(default_factory=dict)  # device -> busy share of the run
     overlap: float | None = None  # share of the run where draft and target both computed
     how: dict[str, int] = field(default_factory=dict)  # committed tokens by how they became final
@@ -156,6 +160,8 @@ class _Tally:
             case TokenCommitted():
                 s.new_tokens = max(s.new_tokens, e.pos + 1)
                 s.how[e.how] = s.how.get(e.how, 0) + 1
+            case WorkerReady(role="target"):
+                s.extra_token = e.extra_token
             case WorkerLost():
                 s.workers_lost.append(e.role)
             case Error():
@@ -272,6 +278,16 @@ def _guessed(s: RunStats) -> str:
             if s.guessed_drafts else "")
 
 
+def _pass_lines(s: RunStats) -> list[str]:
+    lines = []
+    if s.target_pass_s is not None:
+        draft = "" if s.draft_step_s is None else f", draft step {1000 * s.draft_step_s:.0f} ms"
+        lines.append(f"pass times (median)    target {1000 * s.target_pass_s:.0f} ms{draft}")
+    if s.extra_token is not None:
+        lines.append(f"extra token per pass   {s.extra_token:.2f} of a one-token pass (timed at load)")
+    return lines
+
+
 def format_stats(s: RunStats) -> str:
     """A human-readable block for `amusd-viz stats`."""
 
@@ -304,9 +320,7 @@ def format_stats(s: RunStats) -> str:
         f"drafts / verify pass   {num(s.mean_drafts_per_verify)}",
         f"stopped on confidence  {s.confidence_stops} passes",
     ]
-    if s.target_pass_s is not None:
-        draft = "" if s.draft_step_s is None else f", draft step {1000 * s.draft_step_s:.0f} ms"
-        lines.append(f"pass times (median)    target {1000 * s.target_pass_s:.0f} ms{draft}")
+    lines += _pass_lines(s)
     if s.best_ms_per_token is not None:
         speed = (f" (this run went {s.best_ms_per_token / s.ms_per_token:.0%} as fast)"
                  if s.ms_per_token else "")

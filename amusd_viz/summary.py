@@ -7,6 +7,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from amusd_viz import lossless
+from amusd_viz.bound import dear_tokens
 from amusd_viz.stats import RunStats
 
 
@@ -74,6 +75,18 @@ class RunSummary(BaseModel):
     @property
     def lossless_note(self) -> str | None:
         return lossless.note(self.dtype, self.target_device)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def speed_note(self) -> str | None:
+        """Where speculation cannot pay on this hardware, and what the engine did about it."""
+        aside = dear_tokens(self.strategy, self.stats.extra_token)
+        if aside is None:
+            return None
+        return (f"On this CPU an {aside} (no AVX-512 or AMX matrix units): a verify pass of k "
+                "drafts costs nearly k passes, so no draft pays for its place. With the adaptive "
+                "policies (the default) the drafts step aside and the target decodes alone; "
+                "--adaptive off speculates anyway, slower here.")
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

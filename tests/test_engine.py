@@ -34,6 +34,16 @@ def make_engine(models, strategy, draft="draft_far", target_device="cpu:0", draf
     return engine, sink
 
 
+def run_fresh(models, strategy, draft, prompt, max_new, **extra):
+    """One run on an engine of its own (closed after it): the output and its events."""
+    engine, sink = make_engine(models, strategy, draft, **extra)
+    try:
+        gen = engine.generate(prompt, max_new, 4, NO_EOS)
+    finally:
+        engine.close()
+    return gen, sink.take()
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_models):
     made = {}
@@ -174,13 +184,8 @@ def test_a_resting_draft_lends_its_core_to_the_target(engines, tiny_models):
     prompt = [11, 12, 13, 14]
     reference, _ = run(engines, "ar", prompt, 40)
     for lend in (True, False):
-        engine, sink = make_engine(tiny_models, "amusd", "draft_near", spec_cache=False, lend_core=lend,
-                                   faults={"target": "slow:0.01"})
-        try:
-            gen = engine.generate(prompt, 40, 4, NO_EOS)
-        finally:
-            engine.close()
-        events = sink.take()
+        gen, events = run_fresh(tiny_models, "amusd", "draft_near", prompt, 40, spec_cache=False,
+                                lend_core=lend, faults={"target": "slow:0.01"})
         assert gen.token_ids == reference.token_ids
         check_invariants(gen, events)
         lent = [e for e in events if e.type == "forward" and e.lent]
@@ -190,6 +195,25 @@ def test_a_resting_draft_lends_its_core_to_the_target(engines, tiny_models):
         assert lent and all(e.role == "target" and e.device == "cpu:0" for e in lent)
         later = [e for e in events if e.type == "forward" and e.role == "draft" and e.t > lent[0].t]
         assert later, "the draft never took its core back"
+
+
+def test_where_extra_tokens_are_dear_speculation_steps_aside(engines, tiny_models):
+    """An AVX2-only CPU, where a pass of k tokens costs about k passes (estimate.PassCost; the
+    "dear" fault gives a tiny model that cost): no draft pays for its place in a pass, so sync
+    decodes plainly from its first pass (both models' costs are known at load) and amusd's
+    draft rests from the start, lending its core to every target pass, the prompt's prefill
+    included. The text is the target's own; the timeline shows the draft lane idle."""
+    prompt = [21, 22, 23, 24]
+    reference, _ = run(engines, "ar", prompt, 20)
+    for strategy, faults in (("sync", {"target": "dear"}),
+                             ("amusd", {"target": "dear", "draft": "dear"})):
+        gen, events = run_fresh(tiny_models, strategy, "draft_near", prompt, 20, faults=faults)
+        assert gen.token_ids == reference.token_ids
+        passes = [e for e in events if e.type == "forward"]
+        assert passes and all(e.role == "target" for e in passes), strategy
+        assert all(not e.proposed for e in events if e.type == "verify_result")
+        if strategy == "amusd":
+            assert all(e.lent for e in passes), [(e.phase, e.lent) for e in passes]
 
 
 def test_sync_on_two_devices_runs_each_model_on_its_own(engines):

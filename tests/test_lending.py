@@ -52,6 +52,20 @@ def test_a_decision_arriving_while_the_target_waits_is_taken():
     assert loan.borrow(seen=3, patience_s=0.5)
 
 
+def test_a_draft_expected_to_rest_is_waited_for_before_it_says_so():
+    """The prompt's prefill, where extra tokens are dear: the draft will rest from the start,
+    but may not have said so yet; the target waits for it instead of prefilling on one core."""
+    loan = CoreLoan(mp.get_context("spawn"), core=1)
+    threading.Timer(0.02, lambda: loan.rest(seen=7)).start()
+    assert not loan.borrow(seen=7, patience_s=0.0)  # not expected: no wait, no loan
+    assert loan.borrow(seen=7, patience_s=0.5, expect_rest=True)
+    loan.give_back()
+    loan.reset()
+    start = time.monotonic()
+    assert not loan.borrow(seen=7, patience_s=0.05, expect_rest=True)  # it never rested
+    assert time.monotonic() - start < 0.5
+
+
 def test_the_timeline_shows_a_lent_pass_on_the_draft_lane_too():
     """The TUI's lanes: a target pass on the lent core is the target's span, and the draft's
     lane shows its core busy with it ("lent"), not idle."""

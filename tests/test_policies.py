@@ -11,7 +11,7 @@ import time
 import pytest
 
 from amusd_viz.engine.bets import AltBets, BranchBets, NoBets
-from amusd_viz.engine.estimate import Calibration, Ema, Rate
+from amusd_viz.engine.estimate import FLAT, Calibration, Ema, PassCost, Rate
 from amusd_viz.engine.length import DraftBudget, FixedLength
 from amusd_viz.engine.lending import LEND_VALUE
 from amusd_viz.engine.passes import Step
@@ -115,6 +115,77 @@ def test_the_fixed_length_always_drafts_one_more():
     fixed.observe_draft(1.0)
     fixed.observe_verify(0.1, [0.01] * 8, 0)
     assert fixed.one_more([0.01] * 8)
+
+
+# where a pass's extra tokens are dear (estimate.PassCost: an AVX2-only CPU) ------------------
+CHEAP = PassCost(0.30, 0.005)  # a 9-token pass at 1.13x one token's (a Xeon with AMX)
+DEAR = PassCost(0.30, 0.24)  # 7.4x (measured here: bf16 on a first-generation EPYC, 0.8)
+
+
+def test_a_pass_cost_says_when_extra_tokens_are_dear():
+    assert not CHEAP.dear and DEAR.dear and not FLAT.dear
+    assert DEAR.extra == pytest.approx(0.8) and FLAT.extra == 0.0
+
+
+@pytest.mark.parametrize(("per_token_s", "dear"), [(0.0, False), (0.03, True)])
+def test_the_pass_cost_is_timed_on_warm_passes_of_one_and_nine_tokens(per_token_s, dear):
+    """worker.pass_cost on a stand-in whose pass takes 60 ms plus `per_token_s` per further
+    token: flat (a GPU, a CPU with matrix units), or half a pass per token (AVX2 only). A
+    quick pass is timed three times (its best), a slow one once."""
+    from amusd_viz.engine.worker import pass_cost
+
+    class Stand:
+        calls: list[int] = []
+
+        def forward(self, seq, n_logits=1):
+            self.calls.append(n_logits)
+            time.sleep(0.06 + per_token_s * (n_logits - 1))
+
+    stand = Stand()
+    cost = pass_cost(stand, list(range(20)))
+    assert cost.one_s == pytest.approx(0.06, abs=0.03)
+    assert cost.extra == pytest.approx(per_token_s / 0.06, abs=0.15) and cost.dear is dear
+    assert stand.calls == [1, 9]  # 60 ms is not quick: one timing each
+
+
+def test_where_extra_tokens_are_dear_a_first_draft_must_pay_for_its_place_in_the_pass():
+    """A draft step of 70 ms, a one-token pass of 300 ms. Cheap: the first draft always goes
+    (the line stops early by the rule for later ones; the first pass drafts the lookahead and
+    is timed). Dear: each draft adds 240 ms to the pass too, so it goes only while acceptance x
+    300 ms beats 310 ms (with a margin): never, even at acceptance 1, from the first pass on
+    (the load's timings are the priors)."""
+    for cost, drafts in ((CHEAP, True), (DEAR, False)):
+        budget = DraftBudget(cost, PassCost(0.07, 0.0))
+        assert budget.one_more([]) is drafts
+        budget.observe_verify(0.30 + cost.per_token_s * 2, [0.9, 0.9], 0)  # a rejection
+        assert budget.verify_s.value == pytest.approx(0.30)  # the drafts' tokens taken off
+        assert budget.one_more([]) is drafts
+    # a cheaper draft with everything accepted pays even where tokens are dear
+    budget = DraftBudget(PassCost(0.30, 0.09), PassCost(0.02, 0.0))  # extra 0.3: dear
+    assert budget.one_more([])
+    for _ in range(20):
+        budget.observe_verify(0.30 * (1 + 0.3 * 8), [0.3] * 8, 0)  # every draft rejected
+    assert not budget.one_more([])
+
+
+def test_a_dear_draft_token_ends_the_line_sooner():
+    """Drafts of confidence 0.9, a 20 ms draft step: where tokens are cheap the line runs to the
+    lookahead (8); where each adds 240 ms to the pass, it stops after two."""
+
+    def line(cost: PassCost) -> int:
+        budget, k = DraftBudget(cost, PassCost(0.02, 0.0)), 0
+        while k < 8 and budget.one_more([0.9] * k):
+            k += 1
+        return k
+
+    assert (line(CHEAP), line(DEAR)) == (8, 2)
+
+
+def test_no_bets_where_the_targets_extra_tokens_are_dear():
+    shared = SharedState(ctx(), 64)
+    assert type(bets_policy(Plan(bets="alts"), cost=CHEAP)) is AltBets
+    assert type(bets_policy(Plan(bets="alts"), cost=DEAR)) is NoBets
+    assert type(bets_policy(Plan(bets="branches"), shared, 3, DEAR)) is NoBets
 
 
 # bets ------------------------------------------------------------------------------------------

@@ -134,3 +134,31 @@ def test_a_lent_pass_counts_on_the_targets_own_lane():
     lanes = {e["args"]["name"] for e in to_trace(events)["traceEvents"]
              if e.get("name") == "thread_name"}
     assert lanes == {"draft @ cpu:1", "target @ cpu:0"}
+
+
+@pytest.mark.parametrize(("extra", "aside"), [(0.80, True), (0.02, False), (None, False)])
+def test_a_dear_extra_token_is_reported_in_stats_summary_and_screen(extra, aside):
+    """The target's pass cost timed at load (worker_ready): where an extra token costs over a
+    quarter of a pass (an AVX2-only CPU) the summary's speed_note, the stats block and the
+    stats panel's row say the drafts stepped aside; where it is cheap, or not timed, nothing."""
+    from amusd_viz.events import WorkerReady
+    from amusd_viz.stats import format_stats
+    from amusd_viz.summary import RunSummary
+    from amusd_viz.ui.state import RunState
+
+    log = read_log(PROSE)
+    ready = WorkerReady(t=0.5, role="target", device="cpu:0", pid=1, load_s=0.4,
+                        pass_s=None if extra is None else 0.3, extra_token=extra)
+    events = [*log.events, ready]
+    s = compute(events)
+    assert s.extra_token == extra
+    summary = RunSummary(strategy="amusd", draft="d", target="t", draft_device="cpu:1",
+                         target_device="cpu:0", dtype="bfloat16", prompt_tokens=3,
+                         token_ids=[1], text="x", stop_reason="length", stats=s)
+    assert (summary.speed_note is not None) is aside
+    assert ("extra token 0.80× a pass" in (summary.speed_note or "")) is aside
+    assert ("extra token per pass" in format_stats(s)) is (extra is not None)
+    state = RunState()
+    for e in events:
+        state.ingest(e)
+    assert ("drafts step aside" in state.message) is aside

@@ -5,6 +5,10 @@ few passes. No torch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from amusd_viz.bound import DEAR_TOKEN
+
 
 class Ema:
     """An exponential moving average: each new value counts `1 - keep` of the total. Starts at
@@ -86,3 +90,29 @@ class Calibration:
     def chance(self, conf: float) -> float:
         """The chance a draft of this confidence is accepted, by this run's record."""
         return min(1.0, conf * self.factor)
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """What a model's forward pass costs on its device, measured at load (worker.warm_up): a
+    one-token pass, and each further token fed in the same pass. On a GPU, or a CPU with matrix
+    units (AMX, AVX-512 bf16), a pass of a dozen tokens costs about one token's: the weights are
+    read once. On a CPU without them (AVX2 only) each token costs most of a pass, so a pass
+    verifying k drafts costs nearly k passes and a draft must pay for its own verification."""
+
+    one_s: float
+    per_token_s: float
+
+    DEAR = DEAR_TOKEN  # bound.py: where speculation cannot pay
+
+    @property
+    def extra(self) -> float:
+        """An extra token's cost, in one-token passes."""
+        return self.per_token_s / self.one_s if self.one_s > 0 else 0.0
+
+    @property
+    def dear(self) -> bool:
+        return self.extra > self.DEAR
+
+
+FLAT = PassCost(0.0, 0.0)  # the null cost: not measured (a lookup computes nothing)

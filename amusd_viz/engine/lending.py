@@ -25,6 +25,12 @@ import time
 POLL_S = 0.001
 LENT, RESTING, DECIDED = range(3)
 PATIENCE_S = 0.01  # how long the target waits for the draft's decision on a fresh verdict
+# ... and for a draft expected to rest from the start (where extra tokens are dear: planner.py)
+# to say so before the prompt's prefill, the run's longest pass: the draft is just starting too
+EXPECTED_REST_S = 0.2
+# the text length a draft resting for the whole run rests on (planner.Planner.for_good): every
+# target pass borrows at once, with no handshake to wait for
+FOR_GOOD = 1 << 62
 # On a fresh verdict the draft rests (and lends) when its next step is needed with a chance
 # below this. Resting gives the target ~35% of a pass (S), worth S × E tokens (E: tokens a pass
 # commits); drafting gives the next pass ~5 steps worth v(1 + a + … + a^4) tokens (v: the
@@ -60,10 +66,11 @@ def pin_to_own_core(own: int) -> None:
 
 
 @contextlib.contextmanager
-def borrowed(loan: CoreLoan | None, seen: int):
+def borrowed(loan: CoreLoan | None, seen: int, expect_rest: bool = False):
     """A target pass, on two threads if the draft rests on the committed text of length `seen`
     (yields whether it does); the core goes back when the pass ends, even if it raised."""
-    if loan is None or not loan.borrow(seen):
+    if loan is None or not loan.borrow(seen, EXPECTED_REST_S if expect_rest else PATIENCE_S,
+                                       expect_rest):
         yield False
         return
     import torch
@@ -109,11 +116,13 @@ class CoreLoan:
             time.sleep(POLL_S)
 
     # the target's side --------------------------------------------------------------------------
-    def borrow(self, seen: int, patience_s: float = PATIENCE_S) -> bool:
+    def borrow(self, seen: int, patience_s: float = PATIENCE_S, expect_rest: bool = False) -> bool:
         """At a pass's start: True if the draft rests on the committed text of length `seen`
-        (the core is then lent until `give_back`)."""
+        (the core is then lent until `give_back`). `expect_rest`: wait for a draft that is not
+        resting yet, too."""
         deadline = time.monotonic() + patience_s
-        while self._state[RESTING] and self._state[DECIDED] < seen and time.monotonic() < deadline:
+        while ((self._state[RESTING] or expect_rest) and self._state[DECIDED] < seen
+               and time.monotonic() < deadline):
             time.sleep(POLL_S / 5)
         if not self._lock.acquire(timeout=0.005):
             return False

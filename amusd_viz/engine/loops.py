@@ -48,7 +48,8 @@ def sync_loop(req: Request, target: Runner, draft: Runner, devices: tuple[str, s
     draft.begin()
     v = Verifier(req, target, devices[0], emit)
     d = Drafter(req, draft, v.sampler, devices[1], emit, Guesser(req.plan.guesses))
-    length, bets = length_policy(req.plan), bets_policy(req.plan)
+    length = length_policy(req.plan, target.cost, draft.cost)
+    bets = bets_policy(req.plan, cost=target.cost)
     v.first_token()
     while not v.c.done:
         line = draft_line(d, length, v.c.seq, min(req.lookahead, v.c.remaining - 1))
@@ -104,9 +105,11 @@ def amusd_target_loop(req: Request, target: Runner, device: str, shared: SharedS
     target.begin()
     v = Verifier(req, target, device, emit)
     cache = cache_policy(req.plan, shared, req.n_prompt)
-    bets = bets_policy(req.plan, shared, req.n_prompt)
+    bets = bets_policy(req.plan, shared, req.n_prompt, target.cost)
     schedule.target_turn()  # one device: the target's prefill goes first
-    v.first_token()
+    # a draft that will rest from the start (extra tokens dear: planner.py) lends its core now
+    with schedule.target_pass(len(v.c.seq), expect_rest=req.plan.rests and target.cost.dear) as lent:
+        v.first_token(lent=lent)
     while True:
         shared.publish_committed(v.c.seq, req.n_prompt, done=v.c.done)
         schedule.hand_to_draft()
@@ -136,18 +139,20 @@ def visible_drafts(v: Verifier, shared: SharedState, cache, limit: int):
 
 def amusd_draft_loop(req: Request, draft: Runner, device: str, shared: SharedState,
                      schedule: Concurrent, emit: Emit) -> int:
-    """The drafter: keeps proposing from its own line; when the target commits a token that
-    differs from its own, it rolls back (`adopt`) and drafts on. Between main-line steps it may
-    grow the speculation cache's branches; it waits (blocking, no spinning) only when it is far
-    enough ahead, at the token budget, after proposing EOS, or when no step is worth it (the
-    Planner; on one device, the end of its turn). Returns the number of passes."""
+    """The drafter: proposes from its own line, rolls back (`adopt`) where the target committed
+    another token, and grows the speculation cache's branches between main-line steps. It waits
+    (no spinning) when far enough ahead, at the token budget, after proposing EOS, when no step
+    is worth it (the Planner; one device: its turn's end), or all run where tokens are dear."""
     draft.begin()
     d = Drafter(req, draft, sampler_for(req, draft), device, emit, Guesser(req.plan.guesses))
     planner = Planner(req, d, shared, cache_policy(req.plan, shared, req.n_prompt),
-                      rests=req.plan.rests)
+                      rests=req.plan.rests, cost=draft.cost)
     bets = bets_policy(req.plan, shared, req.n_prompt)
-    schedule.begin_run(length_policy(req.plan))
+    schedule.begin_run(length_policy(req.plan, draft.cost))  # one device: the target's proxy
     seq, passes = list(req.prompt_ids), 0
+    if planner.for_good:  # extra tokens dear: it rests all run, its core lent to every pass
+        schedule.rest_for_good()
+        return passes
     schedule.draft_turn()  # one device: after the target's prefill
     while True:
         shared.clear_wakeup()

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from amusd_viz.engine.estimate import FLAT
+
 PLAN_TOKENS = 32  # how far one match is copied at most (the lookahead caps each pass)
 
 
@@ -52,6 +54,7 @@ class NgramDrafter:
     """Prompt lookup with matches up to `max_n` tokens long, for a vocabulary of `vocab`."""
 
     phase_name = "lookup"  # its steps on the timeline: instant, no model pass
+    cost = FLAT  # a lookup computes nothing
 
     def __init__(self, max_n: int, vocab: int, tokenizer=None, device: str = "cpu") -> None:
         self.max_n = max_n

@@ -103,10 +103,10 @@ class Verifier:
         self.c = Committer(req, target, emit)
         self.sampler = sampler_for(req, target)
 
-    def first_token(self, phase: str = "prefill") -> None:
+    def first_token(self, phase: str = "prefill", lent: bool = False) -> None:
         """One pass with no drafts: the prompt's prefill, or a plain decode step."""
         logits, fed, start, end = self.target.forward(self.c.seq, 1)
-        self.emit(forward_event(self.req, "target", self.device, phase, fed, start, end))
+        self.emit(forward_event(self.req, "target", self.device, phase, fed, start, end, lent))
         token, probs = self.sampler.own(logits[0], self.c.n_new)
         top = self.target.top(logits[0]) if probs is None else self.target.top_of_probs(probs)
         self.c.commit([token], ["decoded"], [top])

@@ -8,12 +8,14 @@
   the branch's own drafts so far (speccache.py);
 - **rest**, when it `rests` and nothing is worth at least `MIN_VALUE` (on a CPU a draft step
   slows the target's pass on the other core through the shared memory bus; on two cores a
-  resting draft lends its core: engine/schedule.py).
+  resting draft lends its core: engine/schedule.py), or always where extra tokens in a pass are
+  dear (estimate.PassCost: an AVX2-only CPU), where a pass on one core verifying drafts loses
+  to a plain pass on the lent two whatever the drafts' chances.
 """
 
 from __future__ import annotations
 
-from amusd_viz.engine.estimate import Calibration
+from amusd_viz.engine.estimate import FLAT, Calibration, PassCost
 from amusd_viz.engine.passes import Drafter, Step
 from amusd_viz.engine.request import Request
 from amusd_viz.engine.shared import SharedState
@@ -31,12 +33,18 @@ class Planner:
     position): its confidence and runner-up."""
 
     def __init__(self, req: Request, drafter: Drafter, shared: SharedState, cache: NoCache,
-                 rests: bool) -> None:
+                 rests: bool, cost: PassCost = FLAT) -> None:
         self.req, self.drafter, self.shared, self.cache, self.rests = req, drafter, shared, cache, rests
+        self.cost = cost  # the draft's passes: on the same kind of device, the target's proxy
         self.n_prompt = req.n_prompt
         self.info: dict[int, Step] = {}
         self.calibration = Calibration()  # the draft's confidence vs acceptance
         self._judged = 0  # generated positions whose verdict the calibration has seen
+
+    @property
+    def for_good(self) -> bool:
+        """It rests for the whole run: extra tokens are dear."""
+        return self.rests and self.cost.dear
 
     def survival(self, start: int, stop: int) -> float:
         """The chance that the main line's drafts at generated positions [start, stop) are all
@@ -57,7 +65,7 @@ class Planner:
         if not options:
             return None
         value, best = max(options, key=lambda o: o[0])
-        if self.rests and value < (MIN_VALUE if floor is None else floor):
+        if self.for_good or (self.rests and value < (MIN_VALUE if floor is None else floor)):
             return None
         if isinstance(best, tuple):  # a new branch at this position
             pos, step = best

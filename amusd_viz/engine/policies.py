@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from amusd_viz.engine.bets import AltBets, BranchBets, NoBets
+from amusd_viz.engine.estimate import FLAT, PassCost
 from amusd_viz.engine.length import DraftBudget, FixedLength
 from amusd_viz.engine.plan import Plan
 from amusd_viz.engine.schedule import Baton, Concurrent, Lending
@@ -15,12 +16,19 @@ if TYPE_CHECKING:
     from amusd_viz.engine.speccache import NoCache
 
 
-def length_policy(plan: Plan) -> FixedLength:
-    return DraftBudget() if plan.length == "budget" else FixedLength()
+def length_policy(plan: Plan, cost: PassCost = FLAT,
+                  draft_cost: PassCost | None = None) -> FixedLength:
+    """`cost`: the target's passes and `draft_cost` the draft's (sync: both in one process);
+    on a shared device, the draft's own as the target's proxy."""
+    return DraftBudget(cost, draft_cost) if plan.length == "budget" else FixedLength()
 
 
-def bets_policy(plan: Plan, shared: SharedState | None = None, n_prompt: int = 0) -> NoBets:
-    """sync: `shared` None (the bets stay in its process)."""
+def bets_policy(plan: Plan, shared: SharedState | None = None, n_prompt: int = 0,
+                cost: PassCost = FLAT) -> NoBets:
+    """sync: `shared` None (the bets stay in its process). No bets where the target's extra
+    tokens are dear (`cost`): each would cost most of a pass."""
+    if cost.dear:
+        return NoBets()
     if plan.bets == "branches" and shared is not None:
         return BranchBets(shared, n_prompt)
     return AltBets(shared) if plan.bets != "none" else NoBets()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
+from amusd_viz.engine.estimate import FLAT
 from amusd_viz.engine.seq import common_prefix
 
 
@@ -40,6 +41,7 @@ class Runner:
         self._preamble_cache: DynamicCache | None = None
         self._texts: dict[int, str] = {}
         self.is_cuda = self.device.type == "cuda"
+        self.cost = FLAT  # what a pass and each extra token in it cost: measured at load
         # before each pass: a shared device's turn (schedule.py), or sync-2dev's core
         self.turn: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from amusd_viz.engine.lending import LEND_BELOW_ACCEPTANCE, LEND_VALUE, CoreLoan, borrowed
+from amusd_viz.engine.lending import FOR_GOOD, LEND_BELOW_ACCEPTANCE, LEND_VALUE, CoreLoan, borrowed
 from amusd_viz.engine.length import FixedLength
 from amusd_viz.engine.seq import common_prefix
 from amusd_viz.engine.shared import SharedState, poll
@@ -50,9 +50,9 @@ class Concurrent:
     def hand_to_draft(self) -> None:
         """After the target published its verdict."""
 
-    def target_pass(self, seen: int):
+    def target_pass(self, seen: int, expect_rest: bool = False):
         """Around a target pass on the committed text of length `seen`: yields whether the
-        pass runs on a borrowed core too."""
+        pass runs on a borrowed core too (`expect_rest`: the draft is expected to rest on it)."""
         return contextlib.nullcontext(False)
 
     # the draft's side -------------------------------------------------------------------------
@@ -82,6 +82,18 @@ class Concurrent:
         """Before the draft's forward pass."""
         self.resting = False
 
+    def rest_for_good(self) -> None:
+        """The draft rests for the whole run (planner.Planner.for_good) and looks for its end
+        every 50 ms: not woken by each commit, nor polling every millisecond as a short rest
+        does, since a lent pass's OpenMP threads wait for whatever shares their core."""
+        self.resting = True
+        self.lend_for_good()
+        while not self.shared.run_done:
+            time.sleep(0.05)
+
+    def lend_for_good(self) -> None:
+        """Lending: the core goes to every target pass of the run, with no handshake."""
+
 
 class Lending(Concurrent):
     """Two CPU cores: the target borrows a resting draft's core for its next pass."""
@@ -93,8 +105,8 @@ class Lending(Concurrent):
     def reset(self) -> None:
         self.loan.reset()
 
-    def target_pass(self, seen: int):
-        return borrowed(self.loan, seen)
+    def target_pass(self, seen: int, expect_rest: bool = False):
+        return borrowed(self.loan, seen, expect_rest)
 
     def floor(self, acceptance: float) -> float | None:
         """Lending pays only where most drafts are rejected (lending.py)."""
@@ -103,6 +115,9 @@ class Lending(Concurrent):
     def idle(self, seen: int) -> None:
         self.loan.rest(seen)
         super().idle(seen)
+
+    def lend_for_good(self) -> None:
+        self.loan.rest(FOR_GOOD)
 
     def busy(self) -> None:
         if self.resting:

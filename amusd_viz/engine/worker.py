@@ -28,7 +28,8 @@ class WorkerSpec:
     target_src: str | None
     draft_src: str | None
     t0_ns: int
-    fault: str = ""  # tests only: "die_after:N" exits after N forward passes; "slow:S" (worker.py)
+    # tests only: "die_after:N" exits after N forward passes; "slow:S", "dear" (worker.py)
+    fault: str = ""
     draft_quant: str = "none"  # "int8": dynamic int8 linear layers for the draft (CPU only)
     preamble: tuple[int, ...] = ()  # the tokens every prompt starts with: fed at load time
     tokenizer_src: str | None = None  # the n-gram drafter's worker: the target's tokenizer
@@ -105,7 +106,25 @@ def warm_up(runner) -> None:
         logits, *_ = runner.forward(warm, n_logits)
         runner.tops(logits)
     runner.forward(warm, 3, paths=[(len(warm) - 2, [5, 6])])  # a tree pass
+    runner.cost = pass_cost(runner, warm)
     runner.reset()
+
+
+def pass_cost(runner, seq: list[int], wide: int = 9):
+    """Time a one-token pass and a `wide`-token one over `seq`, warm (the best of three where
+    a pass is quick, as a tiny model's is: one sample there is mostly the host's noise)."""
+    from amusd_viz.engine.estimate import PassCost
+
+    def best(n_logits: int) -> float:
+        times: list[float] = []
+        while len(times) < 3 and (not times or times[0] < 0.05):
+            start = time.perf_counter()
+            runner.forward(seq, n_logits)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    one = best(1)
+    return PassCost(one, max(0.0, best(wide) - one) / (wide - 1))
 
 
 def worker_main(spec: WorkerSpec, requests, events, shared=None, schedule=None) -> None:
@@ -131,6 +150,7 @@ def worker_main(spec: WorkerSpec, requests, events, shared=None, schedule=None) 
         hf_logging.set_verbosity_error()
         target, draft = _load_models(spec, (device, draft_device), schedule, events)
         _slow_down(spec, target if spec.role == "target" else draft)
+        _make_dear(spec, (target, draft))
         events.send(Ready(spec.role))
         emit = _fault_injector(spec, events.send)
         while (msg := requests.get()) is not None:
@@ -175,9 +195,12 @@ def _load_models(spec: WorkerSpec, devices, schedule, events):
     now = time.perf_counter_ns()
     for role, runner, on in (("target", target, device), ("draft", draft, draft_device)):
         if runner is not None:
+            cost = runner.cost if runner.cost.one_s > 0 else None
             events.send(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=role, device=str(on),
                                     pid=os.getpid(), load_s=(now - start) / 1e9,
-                                    device_info=device_info(on)))
+                                    device_info=device_info(on),
+                                    pass_s=cost.one_s if cost else None,
+                                    extra_token=cost.extra if cost else None))
     return target, draft
 
 
@@ -230,6 +253,18 @@ def _slow_down(spec: WorkerSpec, runner) -> None:
             return super().forward(*args, **kwargs)
 
     runner.__class__ = Slow
+
+
+def _make_dear(spec: WorkerSpec, runners) -> None:
+    """Tests: "dear" gives this worker's models the pass cost of an AVX2-only CPU, where each
+    extra token in a pass costs a whole pass (estimate.PassCost), whatever this host measured."""
+    if spec.fault != "dear":
+        return
+    from amusd_viz.engine.estimate import PassCost
+
+    for runner in runners:
+        if runner is not None and runner.cost.one_s > 0:
+            runner.cost = PassCost(runner.cost.one_s, runner.cost.one_s)
 
 
 def _fault_injector(spec: WorkerSpec, put):

@@ -75,7 +75,11 @@ both run at once on two devices; **sync** alternates them on one device; **ar** 
 model* is the ms/token this run's pass times would give if no draft were wasted and no worker
 waited, and *reached* how close the run came; *capped by* says why amusd cannot get far ahead of
 sync here: on one shared device its workers take turns, and on two cores of one CPU sync gives
-every pass both cores while amusd gives each model one.
+every pass both cores while amusd gives each model one. *drafts step aside* appears where a
+pass's extra token costs most of a pass (a CPU without matrix units, AVX2 only: timed when the
+models load): a verify pass of k drafts then costs nearly k passes, no draft can pay for its
+place, and the adaptive policies let the target decode alone (amusd's draft rests and lends its
+core). `--adaptive off` speculates anyway, to watch it, at a loss there.
 
 """
 

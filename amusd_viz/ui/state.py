@@ -7,6 +7,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from amusd_viz import stats
+from amusd_viz.bound import dear_tokens
 from amusd_viz.events import (
     BranchStep,
     DraftProposed,
@@ -114,6 +115,8 @@ class RunState:
                 self.lanes.setdefault(e.role, Lane(e.role, e.device))
                 self.lanes[e.role].add(Span(e.t - e.load_s, e.t, "load", 0))
                 self.message = f"{e.role} ready ({e.load_s:.1f} s)"
+                if e.role == "target" and (aside := dear_tokens(self.strategy, e.extra_token)):
+                    self.message += f" · {aside} on this CPU: drafts step aside (? says why)"
             case Forward():
                 if self.status == "loading":
                     self.status, self.message = "generating", ""

@@ -10,7 +10,7 @@ from textual.widget import Widget
 from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
-from amusd_viz.bound import shared_compute
+from amusd_viz.bound import dear_tokens, shared_compute
 from amusd_viz.ui.palette import GOOD, PHASE_STYLE, STYLES, legend
 from amusd_viz.ui.state import RunState
 
@@ -203,6 +203,9 @@ class StatsPanel(Static):
             table.add_row("speedup vs ar", f"{ar_ms / ms:.2f}×")
         elif live and state.strategy != "ar":
             table.add_row("speedup vs ar", Text("press 1 to run ar", "grey50"))
+        aside = dear_tokens(state.strategy, s.extra_token)
+        if aside:  # an AVX2-only CPU: no draft pays for its place in a pass (the help says more)
+            table.add_row("drafts step aside", Text(aside, "italic"))
         table.add_row("accepted / pass", "-" if s.mean_accepted_per_pass is None
                       else f"{s.mean_accepted_per_pass:.2f}")
         table.add_row("acceptance", pct(s.acceptance_rate))
@@ -221,7 +224,7 @@ class StatsPanel(Static):
             table.add_row("no-waste model", f"{s.best_ms_per_token:.0f} ms/tok")
             table.add_row("reached", pct(s.best_ms_per_token / ms) if ms else "-")
         capped_by = shared_compute(state.strategy, state.target_device, state.draft_device)
-        if capped_by:  # why amusd cannot get far ahead of sync here (the help says more)
+        if capped_by and not aside:  # why amusd cannot get far ahead of sync here (the help says more)
             table.add_row("capped by", Text(capped_by, "italic"))
         for device, share in s.busy.items():
             table.add_row(f"busy {device}", pct(share))
