@@ -146,9 +146,9 @@ def amusd_draft_loop(req: Request, draft: Runner, device: str, shared: SharedSta
     draft.begin()
     d = Drafter(req, draft, sampler_for(req, draft), device, emit, Guesser(req.plan.guesses))
     planner = Planner(req, d, shared, cache_policy(req.plan, shared, req.n_prompt),
-                      rests=req.plan.rests, cost=draft.cost)
+                      rests=req.plan.rests, cost=req.target_cost)
     bets = bets_policy(req.plan, shared, req.n_prompt)
-    schedule.begin_run(length_policy(req.plan, draft.cost))  # one device: the target's proxy
+    schedule.begin_run(length_policy(req.plan, req.target_cost))
     seq, passes = list(req.prompt_ids), 0
     if planner.for_good:  # extra tokens dear: it rests all run, its core lent to every pass
         schedule.rest_for_good()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from amusd_viz.config import GREEDY, SamplingParams
+from amusd_viz.engine.estimate import FLAT, PassCost
 from amusd_viz.engine.plan import Plan
 
 
@@ -19,6 +20,8 @@ class Request:
     sampling: SamplingParams = GREEDY
     vocab: int = 0  # sampling: the width of p and q rows (the larger model vocabulary)
     plan: Plan = field(default_factory=Plan)  # the speed policies (engine/plan.py)
+    # the target's passes, timed at load (worker_ready): what amusd's draft decides by
+    target_cost: PassCost = FLAT
 
     @property
     def n_prompt(self) -> int:

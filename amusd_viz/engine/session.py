@@ -15,6 +15,7 @@ from typing_extensions import Self
 
 from amusd_viz.config import SamplingParams, parse_ngram
 from amusd_viz.engine.devices import check_gpu_memory
+from amusd_viz.engine.estimate import FLAT, PassCost
 from amusd_viz.engine.messages import Done, Failed, Ready, RunRequest
 from amusd_viz.engine.plan import plan_for
 from amusd_viz.engine.policies import schedule_for
@@ -24,7 +25,7 @@ from amusd_viz.engine.settings import EngineConfig
 from amusd_viz.engine.shared import SharedState
 from amusd_viz.engine.worker import WorkerSpec, worker_main
 from amusd_viz.errors import RunFailed
-from amusd_viz.events import Error, WorkerLost
+from amusd_viz.events import Error, WorkerLost, WorkerReady
 
 POLL_S = 0.2  # the pump wakes at least this often to check liveness and stalls
 DRAFT_STOP_GRACE_S = 10.0  # after the target is done, the draft must stop within this
@@ -72,6 +73,7 @@ class Engine:
         self.shared: SharedState | None = None
         self.schedule: Concurrent | None = None  # amusd: how the workers share compute
         self._run_id = 0
+        self.target_cost = FLAT  # timed at load: its worker_ready says
         self._closed = False
         self._cancelled = False
         self._done: dict[str, Outcome | int] = {}
@@ -167,7 +169,7 @@ class Engine:
         start_ns = time.perf_counter_ns()
         req = Request(list(prompt_ids), max_new_tokens, lookahead, eos_ids, self.t0_ns,
                       max_ahead=self.plan.max_ahead(lookahead, max_ahead), sampling=sampling,
-                      vocab=self.vocab, plan=self.plan)
+                      vocab=self.vocab, plan=self.plan, target_cost=self.target_cost)
         live = [w for w in self.workers.values() if not w.lost]
         for w in live:
             w.requests.put(RunRequest(run_id, req))
@@ -214,6 +216,9 @@ class Engine:
                 pass
             case Ready(role=role):
                 self.workers[role].ready = True
+            case WorkerReady(role="target", pass_s=float(one), extra_token=float(extra)):
+                self.target_cost = PassCost(one, one * extra)  # amusd's draft decides by it
+                self.sink.emit(msg)
             case Done(role=role, run_id=done_id, outcome=outcome):
                 if done_id == run_id:
                     self._done[role] = outcome

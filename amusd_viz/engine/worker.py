@@ -150,7 +150,6 @@ def worker_main(spec: WorkerSpec, requests, events, shared=None, schedule=None) 
         hf_logging.set_verbosity_error()
         target, draft = _load_models(spec, (device, draft_device), schedule, events)
         _slow_down(spec, target if spec.role == "target" else draft)
-        _make_dear(spec, (target, draft))
         events.send(Ready(spec.role))
         emit = _fault_injector(spec, events.send)
         while (msg := requests.get()) is not None:
@@ -192,6 +191,7 @@ def _load_models(spec: WorkerSpec, devices, schedule, events):
                       target.tokenizer if target else None, spec.draft_quant,
                       pack=not stock, preamble=preamble)
     _assign_turns((target, draft), devices, schedule)
+    _make_dear(spec, (target, draft))
     now = time.perf_counter_ns()
     for role, runner, on in (("target", target, device), ("draft", draft, draft_device)):
         if runner is not None:
