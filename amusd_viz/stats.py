@@ -76,7 +76,7 @@ class RunStats:
     best_ms_per_token: float | None = None
     best_drafts: int | None = None
     # what an extra token in a target pass costs, in one-token passes (timed at load): over
-    # estimate.PassCost.DEAR no draft pays for its place in a pass, and the drafts step aside
+    # bound.DEAR_TOKEN no draft pays for its place in a pass, and the drafts step aside
     extra_token: float | None = None
     busy: dict[str, float] = field(default_factory=dict)  # device -> busy share of the run
     overlap: float | None = None  # share of the run where draft and target both computed

@@ -103,8 +103,6 @@ class PassCost:
     one_s: float
     per_token_s: float
 
-    DEAR = DEAR_TOKEN  # bound.py: where speculation cannot pay
-
     @property
     def extra(self) -> float:
         """An extra token's cost, in one-token passes."""
@@ -112,7 +110,7 @@ class PassCost:
 
     @property
     def dear(self) -> bool:
-        return self.extra > self.DEAR
+        return self.extra > DEAR_TOKEN  # bound.py: where no draft pays for its place
 
 
 FLAT = PassCost(0.0, 0.0)  # the null cost: not measured (a lookup computes nothing)

@@ -35,7 +35,7 @@ class Planner:
     def __init__(self, req: Request, drafter: Drafter, shared: SharedState, cache: NoCache,
                  rests: bool, cost: PassCost = FLAT) -> None:
         self.req, self.drafter, self.shared, self.cache, self.rests = req, drafter, shared, cache, rests
-        self.cost = cost  # the draft's passes: on the same kind of device, the target's proxy
+        self.cost = cost  # the target's passes (Request.target_cost): what a draft adds to one
         self.n_prompt = req.n_prompt
         self.info: dict[int, Step] = {}
         self.calibration = Calibration()  # the draft's confidence vs acceptance

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 def length_policy(plan: Plan, cost: PassCost = FLAT,
                   draft_cost: PassCost | None = None) -> FixedLength:
-    """`cost`: the target's passes and `draft_cost` the draft's (sync: both in one process);
-    on a shared device, the draft's own as the target's proxy."""
+    """`cost`: the target's passes; `draft_cost`: the draft's, where both are in one process
+    (sync), as the first pass's priors."""
     return DraftBudget(cost, draft_cost) if plan.length == "budget" else FixedLength()
 
 
