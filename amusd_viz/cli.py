@@ -24,6 +24,7 @@ from amusd_viz.config import (
     DEFAULT_PROMPT,
     DEFAULT_STALL_TIMEOUT,
     DTYPES,
+    KV_CACHE_CHOICES,
     MAX_SEED,
     QUANT_CHOICES,
     STRATEGIES,
@@ -154,6 +155,12 @@ def add_tuning_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
                    help="int8: dynamic int8 linear layers for the draft only (CPU; the target "
                         "and so the output are untouched); auto: int8 on CPU, none on GPU "
+                        "(default: auto)")
+    g.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
+                   help="static: each model's keys and values in preallocated lines, written at "
+                        "a position pointer that a rollback moves back (the fixed addresses "
+                        "CUDA graphs need); dynamic: transformers' growing cache; auto: static "
+                        "on a GPU, dynamic on a CPU. The output is the same either way "
                         "(default: auto)")
     g.add_argument("--stall-timeout", type=positive_float, default=DEFAULT_STALL_TIMEOUT,
                    metavar="S", help="fail the run when the target makes no progress for S "
@@ -431,7 +438,8 @@ def _model_settings(args) -> dict:
             "dtype_option": args.dtype,
             "max_new_tokens": args.max_new_tokens, "stall_timeout": args.stall_timeout,
             "target_device_option": args.target_device, "draft_device_option": args.draft_device,
-            "draft_quant_option": args.draft_quant, "adaptive": args.adaptive == "on",
+            "draft_quant_option": args.draft_quant, "kv_cache_option": args.kv_cache,
+            "adaptive": args.adaptive == "on",
             "spec_cache": args.spec_cache == "on", "draft_lookup": args.draft_lookup == "on",
             "lend_core": args.lend_core == "on"}
 

@@ -25,6 +25,8 @@ EngineStrategy = Literal["ar", "sync", "amusd", "hf-generate", "hf-assisted"]
 Dtype = Literal["bfloat16", "float16", "float32"]
 QuantChoice = Literal["auto", "none", "int8"]
 DraftQuant = Literal["none", "int8"]
+KvCacheChoice = Literal["auto", "static", "dynamic"]
+KvCache = Literal["static", "dynamic"]
 Role = Literal["draft", "target"]
 Acceptance = Literal["coupled", "rejection"]
 
@@ -32,6 +34,7 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 ENGINE_STRATEGIES: tuple[str, ...] = get_args(EngineStrategy)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 QUANT_CHOICES: tuple[str, ...] = get_args(QuantChoice)
+KV_CACHE_CHOICES: tuple[str, ...] = get_args(KvCacheChoice)
 ACCEPTANCE_RULES: tuple[str, ...] = get_args(Acceptance)
 
 DEFAULT_PROMPT = ("Write a Python function that returns the n-th Fibonacci number iteratively, "
@@ -122,10 +125,12 @@ class RunConfig(BaseModel):
     target_device_option: str | None = None
     draft_device_option: str | None = None
     draft_quant_option: QuantChoice = "auto"
+    kv_cache_option: KvCacheChoice = "auto"
     # What that resolved to (engine.devices.resolve_run).
     target_device: str = ""
     draft_device: str | None = None  # None for `ar`
     draft_quant: DraftQuant = "none"
+    kv_cache: KvCache = "dynamic"
     # Outputs.
     events: Path | None = None
     summary_json: Path | None = None

@@ -4,8 +4,9 @@
 # 1. the CUDA-marked tests (tests/test_cuda.py): float32 identity of every strategy on cuda:0
 #    (near-ties allowed: amusd_viz/lossless.py), on cuda:0/cuda:1 with two GPUs, forward spans
 #    stamped after synchronisation, drafts verified on one GPU, a few syncs per verify pass;
-# 2. scripts/gpu_report.py: forward times per shape (cold, warm), ms/token of ar, sync and amusd,
-#    drafts per verify, overlap, load time, host RSS and GPU memory per worker.
+# 2. scripts/gpu_report.py: forward times per shape (cold, warm), ms/token of ar, sync and amusd
+#    on the static KV cache (the GPU default; ar also on the dynamic one), drafts per verify,
+#    overlap, load time, host RSS and GPU memory per worker.
 # Packages the GPU image lacks (pydantic, textual, ...) may travel as wheels in ./.whl.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -109,7 +109,7 @@ def forward_times(src: str, device: str, dtype: str) -> dict:
 
 
 def engine_run(strategy: str, target: str, draft: str, devices: tuple[str, str], dtype: str,
-               max_new: int, adaptive: bool = True) -> dict:
+               max_new: int, adaptive: bool = True, kv_cache: str = "static") -> dict:
     import psutil
 
     from amusd_viz import stats
@@ -120,7 +120,7 @@ def engine_run(strategy: str, target: str, draft: str, devices: tuple[str, str],
     cfg = EngineConfig(strategy=strategy, target_src=target,
                        draft_src=None if strategy == "ar" else draft,
                        target_device=devices[0], draft_device=devices[1], dtype=dtype,
-                       adaptive=adaptive)
+                       adaptive=adaptive, kv_cache=kv_cache)
     with Engine(cfg, sink) as engine:
         start = time.perf_counter()
         engine.start()
@@ -149,6 +149,7 @@ def engine_run(strategy: str, target: str, draft: str, devices: tuple[str, str],
                          "drafts_per_verify": _drafts_per_verify(sink.events),
                          "overlap": s.overlap, "busy": s.busy})
     return {"strategy": strategy + ("" if adaptive else " (fixed 8)"), "devices": list(devices),
+            "kv_cache": kv_cache,
             "load_s": round(load_s, 2),
             "host_rss_gib": rss, "gpu_used_gib": gpu,
             "median_ms_per_token": round(statistics.median(r["ms_per_token"] for r in rows), 3),
@@ -189,15 +190,18 @@ def main() -> int:
               ("amusd", ("cuda:0", "cuda:0"))]
     if gpus > 1:
         setups.append(("amusd", ("cuda:0", "cuda:1")))
-    runs = [("random", target, draft, strategy, devices, True) for strategy, devices in setups]
+    # the static KV cache is the GPU's default (--kv-cache auto); ar once on the dynamic one too
+    runs = [("random", target, draft, strategy, devices, True, "static")
+            for strategy, devices in setups]
+    runs.append(("random", target, draft, "ar", ("cuda:0", "cuda:0"), True, "dynamic"))
     if not args.target:  # also with a fixed lookahead: a random draft's flat distributions
         agreeing = make_agreeing_pair(args.models / "agreeing")  # stop the adaptive one early
-        runs += [("agreeing", *agreeing, strategy, devices, adaptive)
+        runs += [("agreeing", *agreeing, strategy, devices, adaptive, "static")
                  for strategy, devices in setups for adaptive in (True, False)
                  if adaptive or strategy != "ar"]
-    for pair, target_src, draft_src, strategy, devices, adaptive in runs:
+    for pair, target_src, draft_src, strategy, devices, adaptive, kv_cache in runs:
         row = {"pair": pair, **engine_run(strategy, target_src, draft_src, devices, args.dtype,
-                                          args.max_new_tokens, adaptive)}
+                                          args.max_new_tokens, adaptive, kv_cache)}
         report["runs"].append(row)
         (args.out / "gpu-report.json").write_text(json.dumps(report, indent=2))
         print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
@@ -207,9 +211,10 @@ def main() -> int:
              "|---|---|---|---|"]
     for name, shapes in report["forward"].items():
         lines += [f"| {name} | {k} | {v['cold_ms']} | {v['warm_ms']} |" for k, v in shapes.items()]
-    lines += ["", "| pair | strategy | devices | ms/token | tokens/pass | acceptance | drafts/verify "
-              "| both busy | load s | RSS GiB | GPU GiB used |", "|---" * 11 + "|"]
-    lines += [f"| {r['pair']} | {r['strategy']} | {'/'.join(r['devices'])} | {r['median_ms_per_token']} | "
+    lines += ["", "| pair | strategy | devices | KV cache | ms/token | tokens/pass | acceptance "
+              "| drafts/verify | both busy | load s | RSS GiB | GPU GiB used |", "|---" * 12 + "|"]
+    lines += [f"| {r['pair']} | {r['strategy']} | {'/'.join(r['devices'])} | {r['kv_cache']} | "
+              f"{r['median_ms_per_token']} | "
               f"{r['tokens_per_pass']} | {r['acceptance']} | {r['drafts_per_verify']} | {r['overlap']} "
               f"| {r['load_s']} | {r['host_rss_gib']} | {r['gpu_used_gib']} |" for r in report["runs"]]
     (args.out / "gpu-report.md").write_text("\n".join(lines) + "\n")

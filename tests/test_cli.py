@@ -131,6 +131,9 @@ def test_the_cli_builds_one_resolved_run_config(tmp_path):
     assert cfg.strategy == "sync" and cfg.lookahead == 3 and cfg.prompt == "hi"
     assert cfg.target_device == "cpu" and cfg.draft_device == "cpu"  # sync: every core
     assert cfg.draft_quant == "int8"  # auto, on a CPU
+    assert cfg.kv_cache == "dynamic"  # auto, on a CPU
+    static = build_run_config(build_run_parser().parse_args(["--kv-cache", "static"]))
+    assert static.kv_cache == "static" and static.log_config()["kv_cache"] == "static"
     header = cfg.log_config()
     assert header["events"] == str(tmp_path / "e.jsonl") and "faults" not in header
     with pytest.raises(Exception, match="frozen"):

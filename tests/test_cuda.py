@@ -22,12 +22,14 @@ MAX_NEW = 40
 
 
 def generate(tiny_models, strategy, target_device="cuda:0", draft_device="cuda:0",
-             draft="draft_near"):
+             draft="draft_near", kv_cache="static"):
+    """`--kv-cache auto` is static on a GPU: the default here too."""
     sink = EventList()
     cfg = EngineConfig(strategy=strategy, target_src=str(tiny_models["target"]),
                        draft_src=None if strategy in ("ar", "hf-generate")
                        else str(tiny_models[draft]),
-                       target_device=target_device, draft_device=draft_device, dtype="float32")
+                       target_device=target_device, draft_device=draft_device, dtype="float32",
+                       kv_cache=kv_cache)
     out = []
     with Engine(cfg, sink) as engine:
         engine.start()
@@ -76,6 +78,12 @@ def test_every_strategy_on_one_gpu_is_the_targets_own_decoding(tiny_models):
         verifies = [e for e in events if e.type == "verify_result"][1:]
         # one GPU: the workers take turns, and each turn's drafts are verified
         assert sum(len(e.proposed) for e in verifies) / len(verifies) > 1
+
+
+def test_the_dynamic_cache_on_a_gpu_is_also_the_targets_own_decoding(tiny_models):
+    runs = {"ar": generate(tiny_models, "ar", kv_cache="dynamic"),
+            **{s: generate(tiny_models, s, kv_cache="dynamic") for s in ("sync", "amusd")}}
+    assert_lossless(tiny_models, runs, "cuda:0")
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs two GPUs")

@@ -47,6 +47,13 @@ def test_resolve_run_keeps_a_dtype_given_without_an_option():
     assert cfg.dtype == "bfloat16"  # a CPU
 
 
+def test_the_kv_cache_is_static_on_a_gpu_unless_asked():
+    assert devices.resolve_kv_cache("auto", "cuda:0") == "static"
+    assert devices.resolve_kv_cache("auto", "cpu:0") == "dynamic"
+    assert devices.resolve_kv_cache("dynamic", "cuda:1") == "dynamic"
+    assert devices.resolve_kv_cache("static", "cpu") == "static"
+
+
 def test_weights_load_straight_onto_a_gpu():
     assert devices_kwargs("cuda:1") == {"dtype": torch.bfloat16, "device_map": "cuda:1"}
     assert devices_kwargs("cpu") == {"dtype": torch.bfloat16}

@@ -49,7 +49,7 @@ def engines(tiny_models):
     made = {}
 
     def get(strategy, draft="draft_far", **kw):
-        key = (strategy, draft, tuple(sorted(kw.items())))
+        key = (strategy, draft, repr(sorted(kw.items())))
         if key not in made:
             made[key] = make_engine(tiny_models, strategy, draft, **kw)
         return made[key]
@@ -340,3 +340,24 @@ def test_a_cached_preamble_changes_only_the_prefill(engines):
             if strategy == "sync":  # its draft starts after the target's first token
                 fed = [e.n_tokens for e in events if e.type == "forward" and e.role == "draft"]
                 assert fed[0] == len(prompt) - head + 1, (strategy, prompt)
+
+
+@pytest.mark.parametrize("strategy,devices", [
+    ("ar", {}), ("sync", {}), ("sync", {"draft_device": "cpu:1"}),
+    ("amusd", {"faults": {"target": "slow:0.03"}})])  # a slow target: the draft branches
+def test_the_static_kv_cache_gives_the_dynamic_caches_ids(engines, strategy, devices):
+    """`--kv-cache static` (preallocated lines, rollback = the pointer moving back, branches on
+    lines of their own, the preamble copied back in): the same ids as `ar` on the dynamic
+    cache, through rollbacks, tree passes, speculation-cache branches and prompts that do and
+    do not start with the preamble."""
+    preamble = (3, 4, 5, 6)
+    static = {"kv_cache": "static", "preamble": preamble, **devices}
+    branched = 0
+    for prompt in ([3, 4, 5, 6, 20, 21], [9, 3, 4], [3, 4, 5, 6, *range(30, 70)]):
+        reference, _ = run(engines, "ar", prompt, 40)
+        for draft in ("draft_far", "draft_near"):
+            gen, events = run(engines, strategy, prompt, 40, lookahead=4, draft=draft, **static)
+            assert gen.token_ids == reference.token_ids, (strategy, prompt, draft)
+            check_invariants(gen, events)
+            branched += sum(e.type == "branch_step" and not e.sibling for e in events)
+    assert strategy != "amusd" or branched > 0  # forks ran on lines of their own

@@ -116,6 +116,9 @@ class FakeRunner:
         FakeRunner.forks += 1
         return FakeRunner()
 
+    def release(self):
+        pass
+
 
 class FakeShared:
     def __init__(self):

@@ -124,6 +124,14 @@ def resolve_draft_quant(choice: str, draft_device: str) -> str:
     return choice
 
 
+def resolve_kv_cache(choice: str, target_device: str) -> str:
+    """auto: the static cache on a GPU (fixed addresses, the ground CUDA graphs stand on),
+    the dynamic one on a CPU (no attention over a line's empty slots)."""
+    if choice == "auto":
+        return "static" if target_device.startswith("cuda") else "dynamic"
+    return choice
+
+
 def resolve_run(cfg: RunConfig) -> RunConfig:
     """Fill in the devices and the draft's quantization for `cfg.strategy` on this machine,
     from what the user asked for (checked: a missing core or GPU is a UserError)."""
@@ -140,6 +148,7 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
     quant = "none" if cfg.ngram_n else resolve_draft_quant(cfg.draft_quant_option, draft or target)
     return cfg.model_copy(update={"target_device": target, "draft_device": draft,
                                   "draft_quant": quant,
+                                  "kv_cache": resolve_kv_cache(cfg.kv_cache_option, target),
                                   "dtype": resolve_dtype(cfg.dtype_option, target)
                                   if cfg.dtype_option else cfg.dtype})
 

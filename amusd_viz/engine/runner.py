@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from amusd_viz.engine.estimate import FLAT
 from amusd_viz.engine.seq import common_prefix
@@ -36,9 +36,9 @@ class Runner:
         self.tokenizer = tokenizer
         self.top_k = top_k
         self.ids: list[int] = []
-        self.cache: DynamicCache | None = None
+        self.cache: Cache | None = None
         self.preamble: list[int] = []
-        self._preamble_cache: DynamicCache | None = None
+        self._preamble_cache: Cache | None = None
         self._texts: dict[int, str] = {}
         self.is_cuda = self.device.type == "cuda"
         self.cost = FLAT  # what a pass and each extra token in it cost: measured at load
@@ -80,6 +80,16 @@ class Runner:
         """Take over a fork's cache and ids (a branch became the main line)."""
         self.cache, self.ids = other.cache, other.ids
 
+    def release(self) -> None:
+        """A dropped branch is done with its cache (a static line goes back to the pool)."""
+
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` in the cache before a pass (a dynamic cache always has it)."""
+
+    def mask_width(self, total: int) -> int:
+        """Keys a tree pass's mask spans: what the cache will hold (a static line: its length)."""
+        return total
+
     def crop(self, keep: int) -> None:
         drop = len(self.ids) - keep
         if drop > 0:
@@ -106,6 +116,7 @@ class Runner:
         self.crop(keep)
         feed = seq[keep:]
         extra = [t for _, tokens in paths for t in tokens]
+        self.reserve(keep + len(feed) + len(extra))
         tree = self._tree_inputs(keep, len(feed), paths) if paths else {}
         rows = n_logits + len(extra)
         logits, start, end = self._timed_pass([*feed, *extra], rows, tree)
@@ -136,7 +147,7 @@ class Runner:
         the paths' tokens: each sees seq before its anchor, and its own path up to itself."""
         extra = sum(len(tokens) for _, tokens in paths)
         total = keep + n + extra
-        allowed = torch.zeros(n + extra, total, dtype=torch.bool)
+        allowed = torch.zeros(n + extra, self.mask_width(total), dtype=torch.bool)
         allowed[:n, :keep + n] = torch.ones(n, keep + n, dtype=torch.bool).tril(keep)
         positions = list(range(keep, keep + n))
         row = n  # the query row of the path's first token; its key is keep + row

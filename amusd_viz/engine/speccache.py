@@ -215,6 +215,8 @@ class BranchCache(NoCache):
         gone = {id(b) for b in branches}
         for branch in branches:
             self.shared.clear_branch(branch.slot)
+            if branch.runner is not None:
+                branch.runner.release()  # a static line back to the pool
         self.branches = [b for b in self.branches if id(b) not in gone]
 
     def verdict(self, planner: Planner, seq: list[int], committed: list[int],

@@ -35,6 +35,7 @@ class WorkerSpec:
     tokenizer_src: str | None = None  # the n-gram drafter's worker: the target's tokenizer
     borrow_core: int | None = None  # amusd's target: the draft's CPU core it may borrow (lending.py)
     draft_device: str | None = None  # sync on two devices: the draft's own (devices.check_device_pair)
+    kv_cache: str = "dynamic"  # "static": preallocated KV lines (engine/static_runner.py)
 
 
 def _die_with_parent() -> None:
@@ -47,11 +48,12 @@ def _die_with_parent() -> None:
 
 
 def _load(src: str, dtype_name: str, device: str, tokenizer=None, quant: str = "none",
-          pack: bool = True, preamble: tuple[int, ...] = ()):
+          pack: bool = True, preamble: tuple[int, ...] = (), kv_cache: str = "dynamic"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from amusd_viz.engine.runner import Runner
+    from amusd_viz.engine.static_runner import StaticRunner
 
     if quant == "int8":
         # Only ever the draft: it changes which tokens are proposed, never which are committed.
@@ -71,7 +73,7 @@ def _load(src: str, dtype_name: str, device: str, tokenizer=None, quant: str = "
 
         pack_linears(model)  # same outputs, 1.5-1.75x faster bf16 passes on a CPU core
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(src)
-    runner = Runner(model, device, tokenizer)
+    runner = (StaticRunner if kv_cache == "static" else Runner)(model, device, tokenizer)
     warm_up(runner)
     runner.set_preamble(list(preamble))
     return runner
@@ -180,7 +182,7 @@ def _load_models(spec: WorkerSpec, devices, schedule, events):
     preamble = () if stock else spec.preamble
     if spec.target_src:
         target = _load(spec.target_src, spec.dtype, device.torch_device, pack=not stock,
-                       preamble=preamble)
+                       preamble=preamble, kv_cache=spec.kv_cache)
     if spec.draft_src and (n := parse_ngram(spec.draft_src)):
         from amusd_viz.engine.ngram import load_ngram
 
@@ -189,7 +191,7 @@ def _load_models(spec: WorkerSpec, devices, schedule, events):
     elif spec.draft_src:
         draft = _load(spec.draft_src, spec.dtype, draft_device.torch_device,
                       target.tokenizer if target else None, spec.draft_quant,
-                      pack=not stock, preamble=preamble)
+                      pack=not stock, preamble=preamble, kv_cache=spec.kv_cache)
     _assign_turns((target, draft), devices, schedule)
     _make_dear(spec, (target, draft))
     now = time.perf_counter_ns()
