@@ -433,7 +433,11 @@ class _Runner:
         self.results: list[Result] = []
 
     def engine_config(self, run: PlannedRun):
-        from amusd_viz.engine.devices import resolve_draft_quant, resolve_kv_cache
+        from amusd_viz.engine.devices import (
+            resolve_cuda_graphs,
+            resolve_draft_quant,
+            resolve_kv_cache,
+        )
 
         base = self.plan.cfg.run
         ngram = run.name in NGRAM_RUNS or base.ngram_n is not None
@@ -446,7 +450,9 @@ class _Runner:
         run_cfg = base.model_copy(update={
             **VARIANTS.get(run.name, {}),
             "target_device": target_device, "draft_device": draft_device,
-            "kv_cache": resolve_kv_cache(base.kv_cache_option, target_device),
+            "kv_cache": (kv := resolve_kv_cache(base.kv_cache_option, target_device)),
+            "cuda_graphs": resolve_cuda_graphs(base.cuda_graphs_option, kv,
+                                               (target_device, draft_device)),
             "draft_quant": "none" if ngram else resolve_draft_quant(base.draft_quant_option,
                                                                       runs_on)})
         draft_src = (f"ngram:{DEFAULT_NGRAM_N}" if run.name in NGRAM_RUNS and base.ngram_n is None
@@ -549,6 +555,7 @@ def build_report(results: list[Result], plan: BenchPlan, prepared, stopped: str 
                      "repeats": cfg.repeats, "prompts": len(plan.prompts),
                      "draft_quant": cfg.run.draft_quant_option,
                      "kv_cache": cfg.run.kv_cache_option,
+                     "cuda_graphs": cfg.run.cuda_graphs_option,
                      "preamble_cache": cfg.run.preamble_cache,
                      "temperature": cfg.run.temperature, "top_p": cfg.run.top_p,
                      "top_k": cfg.run.top_k, "seed": cfg.run.seed,

@@ -162,6 +162,12 @@ def add_tuning_options(p: argparse.ArgumentParser) -> None:
                         "CUDA graphs need); dynamic: transformers' growing cache; auto: static "
                         "on a GPU, dynamic on a CPU. The output is the same either way "
                         "(default: auto)")
+    g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="on a GPU with the static KV cache: record each pass size (1, 2, 4, 8, "
+                        "16, 32 tokens) as a CUDA graph at load and replay it, one launch a "
+                        "pass instead of a kernel launch per layer op; each graph is checked "
+                        "against the eager pass and dropped for it where they disagree "
+                        "(default: auto: on wherever a model runs on a GPU)")
     g.add_argument("--stall-timeout", type=positive_float, default=DEFAULT_STALL_TIMEOUT,
                    metavar="S", help="fail the run when the target makes no progress for S "
                                      f"seconds (default: {DEFAULT_STALL_TIMEOUT:g})")
@@ -439,6 +445,7 @@ def _model_settings(args) -> dict:
             "max_new_tokens": args.max_new_tokens, "stall_timeout": args.stall_timeout,
             "target_device_option": args.target_device, "draft_device_option": args.draft_device,
             "draft_quant_option": args.draft_quant, "kv_cache_option": args.kv_cache,
+            "cuda_graphs_option": args.cuda_graphs,
             "adaptive": args.adaptive == "on",
             "spec_cache": args.spec_cache == "on", "draft_lookup": args.draft_lookup == "on",
             "lend_core": args.lend_core == "on"}

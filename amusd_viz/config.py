@@ -27,6 +27,7 @@ QuantChoice = Literal["auto", "none", "int8"]
 DraftQuant = Literal["none", "int8"]
 KvCacheChoice = Literal["auto", "static", "dynamic"]
 KvCache = Literal["static", "dynamic"]
+OnOffAuto = Literal["auto", "on", "off"]
 Role = Literal["draft", "target"]
 Acceptance = Literal["coupled", "rejection"]
 
@@ -126,11 +127,13 @@ class RunConfig(BaseModel):
     draft_device_option: str | None = None
     draft_quant_option: QuantChoice = "auto"
     kv_cache_option: KvCacheChoice = "auto"
+    cuda_graphs_option: OnOffAuto = "auto"
     # What that resolved to (engine.devices.resolve_run).
     target_device: str = ""
     draft_device: str | None = None  # None for `ar`
     draft_quant: DraftQuant = "none"
     kv_cache: KvCache = "dynamic"
+    cuda_graphs: bool = False
     # Outputs.
     events: Path | None = None
     summary_json: Path | None = None

@@ -88,6 +88,23 @@ class WorkerReady(_Event):
     # ~0.8 on an AVX2-only CPU in bf16); None for a lookup drafter
     pass_s: float | None = None
     extra_token: float | None = None
+    # CUDA graphs (engine/graphs.py): the pass sizes replayed as graphs, those dropped for the
+    # eager pass (size -> why), and the capture's seconds; None where none were captured
+    graphs: list[int] | None = None
+    graphs_dropped: dict[str, str] = Field(default_factory=dict)
+    graph_s: float | None = None
+
+    @property
+    def graph_note(self) -> str:
+        """'CUDA graphs 1–32 (0.8 s)', and the sizes that run eagerly; '' without graphs."""
+        if self.graphs is None:
+            return ""
+        kept = f"{self.graphs[0]}–{self.graphs[-1]}" if self.graphs else "none kept"
+        note = f"CUDA graphs {kept} ({self.graph_s or 0:.1f} s)"
+        if self.graphs_dropped:
+            note += " · eager for " + ", ".join(f"{size} ({why})"
+                                                 for size, why in self.graphs_dropped.items())
+        return note
 
 
 class Forward(_Event):

@@ -86,30 +86,39 @@ def forward_times(src: str, device: str, dtype: str) -> dict:
     """Milliseconds per forward pass of each size: the first (cold) and the median of 10."""
     from transformers import AutoModelForCausalLM
 
+    from amusd_viz.engine.graphs import GraphRunner
     from amusd_viz.engine.runner import Runner
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype),
                                                  device_map=device).eval()
-    runner = Runner(model, device)
-    prompt = list(range(3, 99)) * 2
-    out = {}
-    for n in PASS_TOKENS:
-        times = []
-        for _ in range(11):
-            runner.reset()
-            runner.forward(prompt, 1)
-            start = time.perf_counter()
-            runner.forward(prompt + list(range(5, 5 + n)), n)
-            times.append(1000 * (time.perf_counter() - start))
-        out[f"{n} tokens"] = {"cold_ms": round(times[0], 3),
-                              "warm_ms": round(statistics.median(times[1:]), 3)}
-    del model, runner
+    graphed = GraphRunner(model, device)
+    report = graphed.capture()
+    out: dict = {"capture_s": round(report.seconds, 2), "graphs": report.kept,
+                 "dropped": {str(k): v for k, v in report.dropped.items()}}
+    for name, runner in (("eager", Runner(model, device)), ("graphed", graphed)):
+        for n in PASS_TOKENS:
+            out[f"{n} tokens {name}"] = _pass_times(runner, n)
+    del model, graphed
     torch.cuda.empty_cache()
     return out
 
 
+def _pass_times(runner, n: int) -> dict:
+    """The first (cold) and the median of 10 more passes of n tokens after a 192-token prompt."""
+    prompt = list(range(3, 99)) * 2
+    times = []
+    for _ in range(11):
+        runner.reset()
+        runner.forward(prompt, 1)
+        start = time.perf_counter()
+        runner.forward(prompt + list(range(5, 5 + n)), n)
+        times.append(1000 * (time.perf_counter() - start))
+    return {"cold_ms": round(times[0], 3), "warm_ms": round(statistics.median(times[1:]), 3)}
+
+
 def engine_run(strategy: str, target: str, draft: str, devices: tuple[str, str], dtype: str,
-               max_new: int, adaptive: bool = True, kv_cache: str = "static") -> dict:
+               max_new: int, adaptive: bool = True, kv_cache: str = "graphs") -> dict:
+    """kv_cache: "graphs" (static lines and CUDA graphs: the GPU default), "static", "dynamic"."""
     import psutil
 
     from amusd_viz import stats
@@ -120,12 +129,14 @@ def engine_run(strategy: str, target: str, draft: str, devices: tuple[str, str],
     cfg = EngineConfig(strategy=strategy, target_src=target,
                        draft_src=None if strategy == "ar" else draft,
                        target_device=devices[0], draft_device=devices[1], dtype=dtype,
-                       adaptive=adaptive, kv_cache=kv_cache)
+                       adaptive=adaptive, kv_cache="dynamic" if kv_cache == "dynamic" else "static",
+                       cuda_graphs=kv_cache == "graphs")
     with Engine(cfg, sink) as engine:
         start = time.perf_counter()
         engine.start()
         engine.wait_ready()
         load_s = time.perf_counter() - start
+        graphs = {e.role: e.graph_note for e in sink.events if e.type == "worker_ready"}
         rss = {role: round(psutil.Process(pid).memory_info().rss / 2 ** 30, 2)
                for role, pid in engine.pids().items()}
         gpu = {f"cuda:{i}": round(torch.cuda.mem_get_info(i)[1] / 2 ** 30
@@ -149,7 +160,7 @@ def engine_run(strategy: str, target: str, draft: str, devices: tuple[str, str],
                          "drafts_per_verify": _drafts_per_verify(sink.events),
                          "overlap": s.overlap, "busy": s.busy})
     return {"strategy": strategy + ("" if adaptive else " (fixed 8)"), "devices": list(devices),
-            "kv_cache": kv_cache,
+            "kv_cache": kv_cache, "graphs": graphs,
             "load_s": round(load_s, 2),
             "host_rss_gib": rss, "gpu_used_gib": gpu,
             "median_ms_per_token": round(statistics.median(r["ms_per_token"] for r in rows), 3),
@@ -190,13 +201,14 @@ def main() -> int:
               ("amusd", ("cuda:0", "cuda:0"))]
     if gpus > 1:
         setups.append(("amusd", ("cuda:0", "cuda:1")))
-    # the static KV cache is the GPU's default (--kv-cache auto); ar once on the dynamic one too
-    runs = [("random", target, draft, strategy, devices, True, "static")
+    # static lines with CUDA graphs are the GPU's default; ar also without graphs, and dynamic
+    runs = [("random", target, draft, strategy, devices, True, "graphs")
             for strategy, devices in setups]
-    runs.append(("random", target, draft, "ar", ("cuda:0", "cuda:0"), True, "dynamic"))
+    runs += [("random", target, draft, "ar", ("cuda:0", "cuda:0"), True, kv)
+             for kv in ("static", "dynamic")]
     if not args.target:  # also with a fixed lookahead: a random draft's flat distributions
         agreeing = make_agreeing_pair(args.models / "agreeing")  # stop the adaptive one early
-        runs += [("agreeing", *agreeing, strategy, devices, adaptive, "static")
+        runs += [("agreeing", *agreeing, strategy, devices, adaptive, "graphs")
                  for strategy, devices in setups for adaptive in (True, False)
                  if adaptive or strategy != "ar"]
     for pair, target_src, draft_src, strategy, devices, adaptive, kv_cache in runs:
@@ -210,7 +222,10 @@ def main() -> int:
              f"{report['cuda']}, {args.dtype}", "", "| model | pass | cold ms | warm ms |",
              "|---|---|---|---|"]
     for name, shapes in report["forward"].items():
-        lines += [f"| {name} | {k} | {v['cold_ms']} | {v['warm_ms']} |" for k, v in shapes.items()]
+        lines += [f"| {name} | {k} | {v['cold_ms']} | {v['warm_ms']} |" for k, v in shapes.items()
+                  if isinstance(v, dict) and "cold_ms" in v]
+        lines.append(f"| {name} | graphs {shapes['graphs']}, dropped {shapes['dropped']} | "
+                     f"capture {shapes['capture_s']} s | |")
     lines += ["", "| pair | strategy | devices | KV cache | ms/token | tokens/pass | acceptance "
               "| drafts/verify | both busy | load s | RSS GiB | GPU GiB used |", "|---" * 12 + "|"]
     lines += [f"| {r['pair']} | {r['strategy']} | {'/'.join(r['devices'])} | {r['kv_cache']} | "

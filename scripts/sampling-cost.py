@@ -14,9 +14,9 @@ import time
 import torch
 
 from amusd_viz.config import RunConfig, SamplingParams
+from amusd_viz.engine.loading import load_model
 from amusd_viz.engine.run import prepare
 from amusd_viz.engine.sampling import Sampler
-from amusd_viz.engine.worker import _load
 
 
 def timed(fn, repeats: int) -> float:
@@ -38,8 +38,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     prepared = prepare(RunConfig())
-    target = _load(prepared.target_src, "bfloat16", "cpu")
-    draft = _load(prepared.draft_src or "", "bfloat16", "cpu", target.tokenizer, "int8")
+    target = load_model(prepared.target_src, "bfloat16", "cpu")
+    draft = load_model(prepared.draft_src or "", "bfloat16", "cpu", target.tokenizer, "int8")
     ids = prepared.encode("Write a Python function that merges two sorted lists.")
     k = args.lookahead
     target.begin()

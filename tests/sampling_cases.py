@@ -43,10 +43,10 @@ def tv(counts: Counter, exact: dict, draws: int = DRAWS) -> float:
 
 
 def load_target(tiny_models):
-    from amusd_viz.engine.worker import _load
+    from amusd_viz.engine.loading import load_model
 
     torch.set_num_threads(1)
-    return Memo(_load(str(tiny_models["target"]), "float32", "cpu", pack=False))
+    return Memo(load_model(str(tiny_models["target"]), "float32", "cpu", pack=False))
 
 
 def exact_distribution(target, prompt=PROMPT) -> dict[tuple[int, ...], float]:

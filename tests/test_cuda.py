@@ -22,14 +22,14 @@ MAX_NEW = 40
 
 
 def generate(tiny_models, strategy, target_device="cuda:0", draft_device="cuda:0",
-             draft="draft_near", kv_cache="static"):
-    """`--kv-cache auto` is static on a GPU: the default here too."""
+             draft="draft_near", kv_cache="static", cuda_graphs=True):
+    """`--kv-cache auto` is static on a GPU, with CUDA graphs: the default here too."""
     sink = EventList()
     cfg = EngineConfig(strategy=strategy, target_src=str(tiny_models["target"]),
                        draft_src=None if strategy in ("ar", "hf-generate")
                        else str(tiny_models[draft]),
                        target_device=target_device, draft_device=draft_device, dtype="float32",
-                       kv_cache=kv_cache)
+                       kv_cache=kv_cache, cuda_graphs=cuda_graphs and kv_cache == "static")
     out = []
     with Engine(cfg, sink) as engine:
         engine.start()
@@ -71,8 +71,13 @@ def check_spans(events):
 
 
 def test_every_strategy_on_one_gpu_is_the_targets_own_decoding(tiny_models):
+    from amusd_viz.engine.graphs import GRAPH_BUCKETS
+
     runs = {s: generate(tiny_models, s) for s in ("ar", "sync", "amusd", "hf-generate")}
     assert_lossless(tiny_models, runs, "cuda:0")
+    for strategy in ("ar", "sync", "amusd"):  # every bucket captured and kept at load
+        ready = [e for _, events in runs[strategy][:1] for e in events if e.type == "worker_ready"]
+        assert all(e.graphs == list(GRAPH_BUCKETS) and not e.graphs_dropped for e in ready)
     for gen, events in runs["amusd"]:
         check_spans(events)
         verifies = [e for e in events if e.type == "verify_result"][1:]
@@ -82,8 +87,37 @@ def test_every_strategy_on_one_gpu_is_the_targets_own_decoding(tiny_models):
 
 def test_the_dynamic_cache_on_a_gpu_is_also_the_targets_own_decoding(tiny_models):
     runs = {"ar": generate(tiny_models, "ar", kv_cache="dynamic"),
-            **{s: generate(tiny_models, s, kv_cache="dynamic") for s in ("sync", "amusd")}}
+            **{s: generate(tiny_models, s, kv_cache="dynamic") for s in ("sync", "amusd")},
+            "amusd-static": generate(tiny_models, "amusd", cuda_graphs=False)}
     assert_lossless(tiny_models, runs, "cuda:0")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_graphs_replay_what_the_eager_pass_computes(tiny_models, attn):
+    """Every bucket is captured and kept (float32), and passes through the graphs (padded,
+    tree-masked, a prefill chunked through the largest) give the logits of the same padded
+    passes run eagerly; a crop then a re-feed gives a fresh pass's."""
+    from transformers import AutoModelForCausalLM
+
+    from amusd_viz.engine.graphs import GRAPH_BUCKETS, GraphRunner
+    from amusd_viz.engine.static_runner import StaticRunner
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.float32,
+                                                 attn_implementation=attn).to("cuda:0").eval()
+    graphed = GraphRunner(model, "cuda:0")
+    report = graphed.capture()
+    assert report.kept == list(GRAPH_BUCKETS) and not report.dropped, report
+    eager = StaticRunner(model, "cuda:0", buckets=GRAPH_BUCKETS)
+    seq = list(range(3, 80))
+    cases = [(seq, 1, ()), ([*seq, 5], 1, ()), ([*seq, 5, 6, 7, 8], 4, ((len(seq) + 1, [9, 10]),)),
+             ([*seq[:40], 11, 12], 2, ()), ([*seq[:40], 11, 12, 13], 1, ((41, [14]),))]
+    for line, n, paths in cases:
+        before = graphed.replays
+        got, *_ = graphed.forward(line, n, paths=paths)
+        want, *_ = eager.forward(line, n, paths=paths)
+        assert graphed.replays > before  # the graphs ran, not the eager fallback
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert int(graphed.cache.get_seq_length()) == len(line) == len(graphed.ids)
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs two GPUs")
@@ -99,11 +133,11 @@ def test_amusd_on_two_gpus(tiny_models):
 def test_a_verify_pass_synchronises_a_few_times_not_per_row(tiny_models):
     """argmax, the top-k of every row and the finite check: one host copy each, whatever the
     number of drafts (before: 1 + 2(k+1) per pass)."""
+    from amusd_viz.engine.loading import load_model
     from amusd_viz.engine.passes import Verifier
     from amusd_viz.engine.request import Request
-    from amusd_viz.engine.worker import _load
 
-    target = _load(str(tiny_models["target"]), "float32", "cuda:0", pack=False)
+    target = load_model(str(tiny_models["target"]), "float32", "cuda:0", pack=False)
     req = Request([5, 6, 7], 20, 8, frozenset(), 0)
     target.begin()
     verifier = Verifier(req, target, "cuda:0", lambda e: None)

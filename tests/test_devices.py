@@ -54,13 +54,39 @@ def test_the_kv_cache_is_static_on_a_gpu_unless_asked():
     assert devices.resolve_kv_cache("static", "cpu") == "static"
 
 
+def test_cuda_graphs_run_wherever_a_model_is_on_a_gpu_over_the_static_cache():
+    assert devices.resolve_cuda_graphs("auto", "static", ("cuda:0", "cuda:0"))
+    assert devices.resolve_cuda_graphs("auto", "static", ("cpu:0", "cuda:1"))  # the draft's GPU
+    assert not devices.resolve_cuda_graphs("auto", "static", ("cpu:0", "cpu:1"))
+    assert not devices.resolve_cuda_graphs("auto", "dynamic", ("cuda:0", None))
+    assert not devices.resolve_cuda_graphs("off", "static", ("cuda:0", None))
+    with pytest.raises(UserError, match="needs a model on a GPU"):
+        devices.resolve_cuda_graphs("on", "static", ("cpu", None))
+    with pytest.raises(UserError, match="--kv-cache static"):
+        devices.resolve_cuda_graphs("on", "dynamic", ("cuda:0", None))
+    assert not devices.resolve_run(RunConfig(strategy="amusd")).cuda_graphs  # this CPU
+
+
+def test_worker_ready_names_the_graphs_kept_and_those_dropped():
+    from amusd_viz.events import WorkerReady
+
+    ready = dict(t=1.0, role="target", device="cuda:0", pid=1, load_s=3.0)
+    assert WorkerReady(**ready).graph_note == ""
+    kept = WorkerReady(**ready, graphs=[1, 2, 4, 8, 16, 32], graph_s=0.84)
+    assert kept.graph_note == "CUDA graphs 1–32 (0.8 s)"
+    some = WorkerReady(**ready, graphs=[1, 2], graph_s=0.5,
+                       graphs_dropped={"4": "row 0: token 7 where eager picks 9"})
+    assert some.graph_note.endswith("eager for 4 (row 0: token 7 where eager picks 9)")
+    assert WorkerReady(**ready, graphs=[], graph_s=0.1).graph_note.startswith("CUDA graphs none")
+
+
 def test_weights_load_straight_onto_a_gpu():
     assert devices_kwargs("cuda:1") == {"dtype": torch.bfloat16, "device_map": "cuda:1"}
     assert devices_kwargs("cpu") == {"dtype": torch.bfloat16}
 
 
 def devices_kwargs(device):
-    from amusd_viz.engine.worker import load_kwargs
+    from amusd_viz.engine.loading import load_kwargs
 
     return load_kwargs("bfloat16", device)
 
@@ -150,9 +176,9 @@ def test_the_bench_flags_runs_that_lost_their_draft():
 
 @pytest.fixture(scope="module")
 def runner(tiny_models):
-    from amusd_viz.engine.worker import _load
+    from amusd_viz.engine.loading import load_model
 
-    return _load(str(tiny_models["target"]), "float32", "cpu", pack=False)
+    return load_model(str(tiny_models["target"]), "float32", "cpu", pack=False)
 
 
 def test_batched_tops_equal_one_row_at_a_time(runner):
@@ -190,8 +216,8 @@ def test_non_finite_logits_fail_the_pass_with_a_clear_error(runner, monkeypatch)
 def test_warm_up_runs_every_shape_a_run_uses(runner, monkeypatch, device):
     """On a GPU every pass size up to passes.TREE_TOKENS (each loads kernels of its own the first
     time); the passes run on this CPU, the runner only says it is on `device`."""
+    from amusd_viz.engine.loading import warm_up
     from amusd_viz.engine.passes import TREE_TOKENS
-    from amusd_viz.engine.worker import warm_up
 
     calls = []
     forward = runner.forward

@@ -44,7 +44,7 @@ def sharp_pair(tiny_models, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from amusd_viz.engine.worker import _load
+    from amusd_viz.engine.loading import load_model
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("sharp")
@@ -56,8 +56,8 @@ def sharp_pair(tiny_models, tmp_path_factory):
         model.save_pretrained(root / name)
         AutoTokenizer.from_pretrained(tiny_models[name]).save_pretrained(root / name)
         paths[name] = root / name
-    target = _load(str(paths["target"]), "float32", "cpu", pack=False)
-    draft = _load(str(paths["draft_near"]), "float32", "cpu", target.tokenizer, pack=False)
+    target = load_model(str(paths["target"]), "float32", "cpu", pack=False)
+    draft = load_model(str(paths["draft_near"]), "float32", "cpu", target.tokenizer, pack=False)
     return target, draft
 
 

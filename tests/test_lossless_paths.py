@@ -94,16 +94,16 @@ MUTATIONS = [
 def runners(tiny_models, tmp_path_factory):
     from tiny import make_model
 
-    from amusd_viz.engine.worker import _load
+    from amusd_viz.engine.loading import load_model
 
     torch.set_num_threads(1)
-    target = _load(str(tiny_models["target"]), "float32", "cpu", pack=False)
-    drafts = {"far": _load(str(tiny_models["draft_far"]), "float32", "cpu", target.tokenizer,
+    target = load_model(str(tiny_models["target"]), "float32", "cpu", pack=False)
+    drafts = {"far": load_model(str(tiny_models["draft_far"]), "float32", "cpu", target.tokenizer,
                            pack=False)}
     for name, noise in (("medium", 1.0), ("near", 0.3)):
         path = make_model(tmp_path_factory.mktemp(name) / "draft", seed=4,
                           noise_from=tiny_models["target"], noise=noise)
-        drafts[name] = _load(str(path), "float32", "cpu", target.tokenizer, pack=False)
+        drafts[name] = load_model(str(path), "float32", "cpu", target.tokenizer, pack=False)
     return target, drafts
 
 

@@ -17,11 +17,11 @@ PROMPTS = ([11, 12, 13], [40, 41], [5, 6, 7, 8, 9], [70])
 
 @pytest.fixture(scope="module")
 def runners(tiny_models):
-    from amusd_viz.engine.worker import _load
+    from amusd_viz.engine.loading import load_model
 
     torch.set_num_threads(1)
-    target = _load(str(tiny_models["target"]), "float32", "cpu", pack=False)
-    draft = _load(str(tiny_models["draft_near"]), "float32", "cpu", target.tokenizer, pack=False)
+    target = load_model(str(tiny_models["target"]), "float32", "cpu", pack=False)
+    draft = load_model(str(tiny_models["draft_near"]), "float32", "cpu", target.tokenizer, pack=False)
     return target, draft
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from amusd_viz.engine.bets import AltBets, BranchBets, NoBets
 from amusd_viz.engine.estimate import FLAT, Calibration, Ema, PassCost, Rate
-from amusd_viz.engine.length import DraftBudget, FixedLength
 from amusd_viz.engine.lending import LEND_VALUE
+from amusd_viz.engine.length import DraftBudget, FixedLength
 from amusd_viz.engine.passes import Step
 from amusd_viz.engine.plan import Plan, one_device, plan_for, resolve
 from amusd_viz.engine.policies import bets_policy, cache_policy, length_policy, schedule_for
@@ -129,10 +129,10 @@ def test_a_pass_cost_says_when_extra_tokens_are_dear():
 
 @pytest.mark.parametrize(("per_token_s", "dear"), [(0.0, False), (0.03, True)])
 def test_the_pass_cost_is_timed_on_warm_passes_of_one_and_nine_tokens(per_token_s, dear):
-    """worker.pass_cost on a stand-in whose pass takes 60 ms plus `per_token_s` per further
+    """loading.pass_cost on a stand-in whose pass takes 60 ms plus `per_token_s` per further
     token: flat (a GPU, a CPU with matrix units), or half a pass per token (AVX2 only). A
     quick pass is timed three times (its best), a slow one once."""
-    from amusd_viz.engine.worker import pass_cost
+    from amusd_viz.engine.loading import pass_cost
 
     class Stand:
         calls: list[int] = []

@@ -18,13 +18,18 @@ def model(tiny_models):
     return AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.float32).eval()
 
 
-@pytest.fixture(params=["dynamic", "static"])
+BUCKETS = (2, 3, 10)  # small fixed pass sizes: these tests pad, chunk and fall back to exact
+
+
+@pytest.fixture(params=["dynamic", "static", "static-buckets"])
 def make(request):
     """The runner under test; the reference it is checked against is always a fresh dynamic
-    Runner. The static one starts with an 8-token line, so passes grow it."""
+    Runner. The static ones start with an 8-token line, so passes grow it; with buckets, every
+    pass is padded to 2, 3 or 10 tokens (a CUDA graph's fixed sizes), a longer one chunked."""
     if request.param == "dynamic":
         return lambda model: Runner(model, "cpu")
-    return lambda model: StaticRunner(model, "cpu", line_tokens=8)
+    buckets = BUCKETS if request.param == "static-buckets" else ()
+    return lambda model: StaticRunner(model, "cpu", line_tokens=8, buckets=buckets)
 
 
 def test_runs_start_from_the_cached_preamble(model, make):
@@ -131,7 +136,8 @@ def test_static_rollback_moves_the_pointer_and_keeps_the_line(model):
 def test_static_forks_are_independent_and_their_lines_are_reused(model):
     """A fork copies the prefix into a line of its own: feeding either leaves the other's
     logits as a fresh runner's. A released fork's line serves the next fork; adopting a fork
-    takes its line and hands the old one to the pool."""
+    copies its slots into the main line (which keeps its tensors) and hands the fork's line to
+    the pool."""
     main = StaticRunner(model, "cpu", line_tokens=32)
     seq = [5, 9, 12, 40, 41, 7]
     main.forward(seq, 1)
@@ -147,7 +153,29 @@ def test_static_forks_are_independent_and_their_lines_are_reused(model):
     branch.release()
     assert branch.cache is None and main.fork().cache is line  # reused, not allocated
     taken = main.fork()
-    taken.forward([*seq, 80], 1)
-    old = main.cache
+    taken.forward([*seq, 80, 81, 82], 1)
+    main.forward([*seq, 70, 71, 72, 73], 1)  # past where the branch parts: overwritten below
+    line, keys = taken.cache, main.cache.layers[0].keys
     main.adopt(taken)
-    assert main.ids == [*seq, 80] and taken.cache is None and main.fork().cache is old
+    assert main.ids == [*seq, 80, 81, 82] and taken.cache is None
+    assert main.cache.layers[0].keys is keys and main.fork().cache is line
+    got, _, _, _ = main.forward([*seq, 80, 81, 82, 83], 2)
+    expected, _, _, _ = Runner(model, "cpu").forward([*seq, 80, 81, 82, 83], 2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fixed_size_passes_pad_and_chunk_without_changing_logits(model, attn):
+    """Passes padded to a bucket and a prefill chunked through the largest give a fresh
+    runner's logits; the padding leaves the pointer where the real tokens end."""
+    model.config._attn_implementation = attn
+    try:
+        runner = StaticRunner(model, "cpu", line_tokens=64, buckets=BUCKETS)
+        seq = list(range(3, 40))
+        for line, n in ((seq, 3), ([*seq, 50], 1), ([*seq[:20], 60, 61], 2)):
+            got, fed, _, _ = runner.forward(line, n)
+            expected, _, _, _ = Runner(model, "cpu").forward(line, n)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            assert int(runner.cache.get_seq_length()) == len(line) == len(runner.ids)
+    finally:
+        model.config._attn_implementation = "sdpa"

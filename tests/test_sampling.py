@@ -167,14 +167,14 @@ def test_different_seeds_give_different_text(sampling_engines):
 def runners(tiny_models, tmp_path_factory):
     from tiny import make_model
 
-    from amusd_viz.engine.worker import _load
+    from amusd_viz.engine.loading import load_model
 
     torch.set_num_threads(1)
     # a draft that agrees with the target about half the time: both broken rules show there
     medium = make_model(tmp_path_factory.mktemp("medium") / "draft", seed=4,
                         noise_from=tiny_models["target"], noise=1.0)
-    target = _load(str(tiny_models["target"]), "float32", "cpu", pack=False)
-    draft = _load(str(medium), "float32", "cpu", target.tokenizer, pack=False)
+    target = load_model(str(tiny_models["target"]), "float32", "cpu", pack=False)
+    draft = load_model(str(medium), "float32", "cpu", target.tokenizer, pack=False)
     return Memo(target), Memo(draft)
 
 

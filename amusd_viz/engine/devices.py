@@ -132,6 +132,19 @@ def resolve_kv_cache(choice: str, target_device: str) -> str:
     return choice
 
 
+def resolve_cuda_graphs(choice: str, kv_cache: str, devices: tuple[str | None, ...]) -> bool:
+    """auto: graphs wherever a model runs on a GPU over the static cache. on: the same, and a
+    clear error where they cannot be (no GPU, or the dynamic cache)."""
+    on_gpu = any(d and d.startswith("cuda") for d in devices)
+    if choice == "on" and not on_gpu:
+        raise UserError("--cuda-graphs on needs a model on a GPU (--target-device or "
+                        "--draft-device cuda:N); drop it, or use --cuda-graphs auto.")
+    if choice == "on" and kv_cache != "static":
+        raise UserError("CUDA graphs replay passes over the static KV cache; use --kv-cache "
+                        "static (or auto) with --cuda-graphs on.")
+    return choice != "off" and on_gpu and kv_cache == "static"
+
+
 def resolve_run(cfg: RunConfig) -> RunConfig:
     """Fill in the devices and the draft's quantization for `cfg.strategy` on this machine,
     from what the user asked for (checked: a missing core or GPU is a UserError)."""
@@ -148,7 +161,9 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
     quant = "none" if cfg.ngram_n else resolve_draft_quant(cfg.draft_quant_option, draft or target)
     return cfg.model_copy(update={"target_device": target, "draft_device": draft,
                                   "draft_quant": quant,
-                                  "kv_cache": resolve_kv_cache(cfg.kv_cache_option, target),
+                                  "kv_cache": (kv := resolve_kv_cache(cfg.kv_cache_option, target)),
+                                  "cuda_graphs": resolve_cuda_graphs(cfg.cuda_graphs_option, kv,
+                                                                     (target, draft)),
                                   "dtype": resolve_dtype(cfg.dtype_option, target)
                                   if cfg.dtype_option else cfg.dtype})
 

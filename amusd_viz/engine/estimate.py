@@ -94,7 +94,7 @@ class Calibration:
 
 @dataclass(frozen=True)
 class PassCost:
-    """What a model's forward pass costs on its device, measured at load (worker.warm_up): a
+    """What a model's forward pass costs on its device, measured at load (loading.warm_up): a
     one-token pass, and each further token fed in the same pass. On a GPU, or a CPU with matrix
     units (AMX, AVX-512 bf16), a pass of a dozen tokens costs about one token's: the weights are
     read once. On a CPU without them (AVX2 only) each token costs most of a pass, so a pass

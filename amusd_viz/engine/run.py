@@ -75,6 +75,7 @@ class Prepared:
                             target_device=cfg.target_device, draft_device=cfg.draft_device,
                             dtype=cfg.dtype, stall_timeout=cfg.stall_timeout,
                             draft_quant=cfg.draft_quant, kv_cache=cfg.kv_cache,
+                            cuda_graphs=cfg.cuda_graphs,
                             **switches(cfg),
                             preamble=self.preamble if cfg.preamble_cache else (),
                             faults={str(role): spec for role, spec in cfg.faults.items()},

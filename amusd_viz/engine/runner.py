@@ -23,6 +23,33 @@ from amusd_viz.engine.estimate import FLAT
 from amusd_viz.engine.seq import common_prefix
 
 
+def tree_mask(keep: int, n: int, paths: Sequence[tuple[int, list[int]]], width: int,
+              pad_to: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """Which keys each query row sees, and its position, for `n` fed tokens after `keep` cached
+    ones, then the paths' tokens: each sees seq before its anchor, and its own path up to
+    itself. Padding rows up to `pad_to` (a fixed-size pass: engine/static_runner.py) sit after
+    them, each seeing every slot up to its own: never all-masked, so they stay finite, and no
+    real row sees them."""
+    extra = sum(len(tokens) for _, tokens in paths)
+    real = n + extra
+    rows = max(real, pad_to)
+    allowed = torch.zeros(rows, width, dtype=torch.bool)
+    allowed[:n, :keep + n] = torch.ones(n, keep + n, dtype=torch.bool).tril(keep)
+    positions = list(range(keep, keep + n))
+    row = n  # the query row of the path's first token; its key is keep + row
+    for anchor, tokens in paths:
+        for j in range(len(tokens)):
+            allowed[row + j, :anchor] = True
+            allowed[row + j, keep + row:keep + row + j + 1] = True
+            positions.append(anchor + j)
+        row += len(tokens)
+    if rows > real:
+        allowed[real:, :keep + rows] = torch.ones(rows - real, keep + rows,
+                                                   dtype=torch.bool).tril(keep + real)
+        positions += range(keep + real, keep + rows)
+    return allowed, positions
+
+
 class NonFiniteLogits(RuntimeError):
     """A forward pass produced NaN or inf: every strategy would pick token 0 from then on."""
 
@@ -117,9 +144,8 @@ class Runner:
         feed = seq[keep:]
         extra = [t for _, tokens in paths for t in tokens]
         self.reserve(keep + len(feed) + len(extra))
-        tree = self._tree_inputs(keep, len(feed), paths) if paths else {}
         rows = n_logits + len(extra)
-        logits, start, end = self._timed_pass([*feed, *extra], rows, tree)
+        logits, start, end = self._timed_pass([*feed, *extra], rows, keep, len(feed), paths)
         if extra:
             assert self.cache is not None
             self.cache.crop(-len(extra))  # the paths' keys and values: the line goes on alone
@@ -131,32 +157,30 @@ class Runner:
                 "models). Use --dtype bfloat16 or --dtype float32.")
         return logits, len(feed), start, end
 
-    def _timed_pass(self, ids: list[int], rows: int, tree: dict) -> tuple[torch.Tensor, int, int]:
-        """One model call on this device's turn: the last `rows` logits, start and end."""
+    def _timed_pass(self, ids: list[int], rows: int, keep: int, n: int,
+                    paths: Sequence[tuple[int, list[int]]]) -> tuple[torch.Tensor, int, int]:
+        """One pass on this device's turn: the last `rows` logits (float32), start and end."""
         with self.turn():
             start = time.perf_counter_ns()
-            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
-                             cache=self.cache, use_cache=True, logits_to_keep=rows, **tree)
-            logits = out.logits[0, -rows:].float()
+            logits = self._pass(ids, rows, keep, n, paths)
             if self.is_cuda:
                 torch.cuda.synchronize(self.device)  # stamp the end of the real work
             return logits, start, time.perf_counter_ns()
 
-    def _tree_inputs(self, keep: int, n: int, paths: Sequence[tuple[int, list[int]]]) -> dict:
-        """Positions and an attention mask for `n` fed tokens after `keep` cached ones, then
-        the paths' tokens: each sees seq before its anchor, and its own path up to itself."""
-        extra = sum(len(tokens) for _, tokens in paths)
-        total = keep + n + extra
-        allowed = torch.zeros(n + extra, self.mask_width(total), dtype=torch.bool)
-        allowed[:n, :keep + n] = torch.ones(n, keep + n, dtype=torch.bool).tril(keep)
-        positions = list(range(keep, keep + n))
-        row = n  # the query row of the path's first token; its key is keep + row
-        for anchor, tokens in paths:
-            for j in range(len(tokens)):
-                allowed[row + j, :anchor] = True
-                allowed[row + j, keep + row:keep + row + j + 1] = True
-                positions.append(anchor + j)
-            row += len(tokens)
+    def _pass(self, ids: list[int], rows: int, keep: int, n: int,
+              paths: Sequence[tuple[int, list[int]]]) -> torch.Tensor:
+        """One model call over `ids` (n fed tokens after `keep` cached ones, then the paths')."""
+        tree = {}
+        if paths:
+            allowed, positions = tree_mask(keep, n, paths, self.mask_width(keep + len(ids)))
+            tree = self._mask_inputs(allowed, positions)
+        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                         cache=self.cache, use_cache=True, logits_to_keep=rows, **tree)
+        return out.logits[0, -rows:].float()
+
+    def _mask_inputs(self, allowed: torch.Tensor, positions: list[int]) -> dict:
+        """position_ids and a 4D attention mask, as this model's attention takes it (sdpa: the
+        boolean mask; eager: an additive one)."""
         if getattr(self.model.config, "_attn_implementation", "sdpa") != "sdpa":
             dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed,

@@ -34,6 +34,7 @@ class EngineConfig:
     lend_core: bool = True
     draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
     kv_cache: str = "dynamic"  # "static": preallocated KV lines (engine/static_runner.py)
+    cuda_graphs: bool = False  # with the static cache, on a GPU: engine/graphs.py
     preamble: tuple[int, ...] = ()  # the prompt head every run shares: cached at load time
     faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
     sampling: SamplingParams = GREEDY
@@ -57,12 +58,13 @@ class EngineConfig:
             return [
                 WorkerSpec("target", "amusd", self.target_device, self.dtype, self.target_src,
                            None, t0_ns, self.faults.get("target", ""), preamble=self.preamble,
-                           borrow_core=plan.loan_core, kv_cache=self.kv_cache),
+                           borrow_core=plan.loan_core, kv_cache=self.kv_cache,
+                           cuda_graphs=self.cuda_graphs),
                 WorkerSpec("draft", "amusd", self.draft_device or self.target_device, self.dtype,
                            None, self.draft_src, t0_ns, self.faults.get("draft", ""),
                            self.draft_quant, preamble=self.preamble,
                            tokenizer_src=self.target_src if self.ngram else None,
-                           kv_cache=self.kv_cache),
+                           kv_cache=self.kv_cache, cuda_graphs=self.cuda_graphs),
             ]
         draft_src = self.draft_src if draft_runs_with_target(self.strategy) else None
         # sync with a device per model (the paper's baseline) still runs in one process
@@ -70,4 +72,4 @@ class EngineConfig:
         return [WorkerSpec("target", self.strategy, self.target_device, self.dtype,
                            self.target_src, draft_src, t0_ns, self.faults.get("target", ""),
                            self.draft_quant, self.preamble, draft_device=own,
-                           kv_cache=self.kv_cache)]
+                           kv_cache=self.kv_cache, cuda_graphs=self.cuda_graphs)]

@@ -11,19 +11,27 @@ static cache is selectable, so the same bookkeeping is tested against the dynami
 The preamble is saved as a copy of its slots and restored by copying them back into the same
 line, not by swapping the cache object. Speculation-cache branches (engine/speccache.py) get
 lines of their own from a pool the main line and its forks share: a fork copies only the prefix
-slots into a spare line, a dropped branch hands its line back, so the lines in use are bounded by
-the branches (speccache.MAX_BRANCHES) plus the main line. A run longer than a line grows it
-(`reserve`: doubled, the slots up to the pointer copied over).
+slots into a spare line, a dropped branch hands its line back, and a branch that becomes the main
+line is copied into it from where the two part (the main line never changes address), so the
+lines in use are bounded by the branches (speccache.MAX_BRANCHES) plus the main line. A run
+longer than a line grows it (`reserve`: doubled, the slots up to the pointer copied over).
+
+With `buckets`, every pass has one of a few fixed sizes (what a CUDA graph replays,
+engine/graphs.py): padded up to the next bucket with rows that see every slot up to their own
+(never all-masked: no NaN enters a slot) and that no real row sees; the pointer then moves back
+over the padding. A prefill longer than the largest bucket goes in chunks through it.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from transformers import Cache, StaticCache
 
-from amusd_viz.engine.runner import Runner
+from amusd_viz.engine.runner import Runner, tree_mask
+from amusd_viz.engine.seq import common_prefix
 
 FIRST_LINE_TOKENS = 1024  # a line's first length; a longer run grows it (reserve)
 LINE_ROUNDING = 256
@@ -31,9 +39,12 @@ LINE_ROUNDING = 256
 
 class StaticRunner(Runner):
     def __init__(self, model, device: str, tokenizer=None, top_k: int = 5,
-                 line_tokens: int = FIRST_LINE_TOKENS) -> None:
+                 line_tokens: int = FIRST_LINE_TOKENS, buckets: Sequence[int] = ()) -> None:
         super().__init__(model, device, tokenizer, top_k)
         self.line_tokens = line_tokens
+        # fixed pass sizes (what CUDA graphs replay): each pass padded up to one, a longer one
+        # fed in chunks through the largest; () feeds every pass at its own length
+        self.buckets = tuple(sorted(buckets))
         self._spares: list[Cache] = []  # shared by reference with every fork
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # the preamble's slots
 
@@ -78,13 +89,19 @@ class StaticRunner(Runner):
         other.ids = list(self.ids)
         return other
 
+    @torch.inference_mode()
     def adopt(self, other: Runner) -> None:
-        """Take the branch's line; this line becomes a spare."""
-        old = self.cache
-        super().adopt(other)
-        other.cache = None
-        if old is not None:
-            self._spares.append(old)
+        """Take a branch's slots into this line, from where the two part (this line keeps its
+        address, which a captured CUDA graph writes); the branch's line goes back to the pool."""
+        assert isinstance(other, StaticRunner) and other.cache is not None
+        self.reserve(len(other.ids))
+        start = common_prefix(self.ids, other.ids)
+        for mine, theirs in zip(self._layers(), other._layers(), strict=True):
+            mine.keys[:, :, start:len(other.ids)].copy_(theirs.keys[:, :, start:len(other.ids)])
+            mine.values[:, :, start:len(other.ids)].copy_(theirs.values[:, :, start:len(other.ids)])
+            mine.cumulative_length.fill_(len(other.ids))
+        self.ids = list(other.ids)
+        other.release()
 
     def release(self) -> None:
         if self.cache is not None:
@@ -95,6 +112,7 @@ class StaticRunner(Runner):
     def reserve(self, tokens: int) -> None:
         """Room for `tokens` in this line: a longer one (doubled, rounded) with the slots up to
         the pointer copied in, where it is short. The spares of the old length are dropped."""
+        tokens += self.buckets[-1] if self.buckets else 0  # a pass's padding slots
         if self.cache is not None and tokens <= self.line_tokens:
             return
         if tokens > self.line_tokens:
@@ -110,6 +128,38 @@ class StaticRunner(Runner):
 
     def mask_width(self, total: int) -> int:
         return self.line_tokens
+
+    def _pass(self, ids: list[int], rows: int, keep: int, n: int,
+              paths: Sequence[tuple[int, list[int]]]) -> torch.Tensor:
+        """With buckets: fixed-size passes. A pass longer than the largest (a prefill) goes in
+        chunks of fed tokens; the last holds the rows whose logits are wanted."""
+        if not self.buckets or rows > self.buckets[-1]:
+            return super()._pass(ids, rows, keep, n, paths)
+        while len(ids) > self.buckets[-1]:
+            take = min(self.buckets[-1], len(ids) - rows)  # fed tokens only: rows hold the paths
+            self._fixed_pass(ids[:take], keep, take, ())
+            ids, keep, n = ids[take:], keep + take, n - take
+        return self._fixed_pass(ids, keep, n, paths)[len(ids) - rows:].float()
+
+    def _fixed_pass(self, ids: list[int], keep: int, n: int,
+                    paths: Sequence[tuple[int, list[int]]]) -> torch.Tensor:
+        """`ids` padded to the next bucket: the padding's slots are written past the real ones
+        and the pointer moved back over them (the next pass overwrites them)."""
+        size = next(b for b in self.buckets if b >= len(ids))
+        allowed, positions = tree_mask(keep, n, paths, self.line_tokens, pad_to=size)
+        logits = self._call(size, [*ids, *[0] * (size - len(ids))], allowed, positions)
+        assert self.cache is not None
+        self.cache.crop(-(size - len(ids)))
+        return logits[:len(ids)]
+
+    def _call(self, size: int, ids: list[int], allowed: torch.Tensor,
+              positions: list[int]) -> torch.Tensor:
+        """One fixed-size model call: [size, vocab] logits (a CUDA graph's replay, where one
+        is captured: engine/graphs.py)."""
+        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                         cache=self.cache, use_cache=True, logits_to_keep=0,
+                         **self._mask_inputs(allowed, positions))
+        return out.logits[0]
 
     def _line(self) -> StaticCache:
         cfg = self.model.config.get_text_config(decoder=True)

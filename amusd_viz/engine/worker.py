@@ -16,7 +16,6 @@ import traceback
 from dataclasses import dataclass
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent dies
-WARM_UP_TOKENS = 16  # warm-up prompt length: enough to build the kernels a run will use
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,7 @@ class WorkerSpec:
     borrow_core: int | None = None  # amusd's target: the draft's CPU core it may borrow (lending.py)
     draft_device: str | None = None  # sync on two devices: the draft's own (devices.check_device_pair)
     kv_cache: str = "dynamic"  # "static": preallocated KV lines (engine/static_runner.py)
+    cuda_graphs: bool = False  # with the static cache, on a GPU: engine/graphs.py
 
 
 def _die_with_parent() -> None:
@@ -45,88 +45,6 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # pragma: no cover - not Linux
         pass
-
-
-def _load(src: str, dtype_name: str, device: str, tokenizer=None, quant: str = "none",
-          pack: bool = True, preamble: tuple[int, ...] = (), kv_cache: str = "dynamic"):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from amusd_viz.engine.runner import Runner
-    from amusd_viz.engine.static_runner import StaticRunner
-
-    if quant == "int8":
-        # Only ever the draft: it changes which tokens are proposed, never which are committed.
-        # On a CPU core, int8 matrix-vector products move a quarter of float32's bytes.
-        import warnings
-
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
-                                                           dtype=torch.qint8)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(src, **load_kwargs(dtype_name, device))
-    model.to(device).eval()  # already there on a GPU
-    if pack and quant == "none" and device == "cpu":
-        from amusd_viz.engine.kernels import pack_linears
-
-        pack_linears(model)  # same outputs, 1.5-1.75x faster bf16 passes on a CPU core
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(src)
-    runner = (StaticRunner if kv_cache == "static" else Runner)(model, device, tokenizer)
-    warm_up(runner)
-    runner.set_preamble(list(preamble))
-    return runner
-
-
-def load_kwargs(dtype_name: str, device: str) -> dict:
-    """from_pretrained's arguments: on a GPU the weights load straight onto it (accelerate's
-    device_map), not through host memory on one CPU thread first."""
-    import torch
-
-    kwargs: dict = {"dtype": getattr(torch, dtype_name)}
-    if device.startswith("cuda"):
-        kwargs["device_map"] = device
-    return kwargs
-
-
-def warm_up(runner) -> None:
-    """The first passes page the weights in and pick the kernels: that is loading work, and
-    left in it would land in the first run's timings. So run the shapes a run uses: a prefill,
-    a one-token decode, verify passes of 4 and 9 tokens (lookahead 3 and 8), a tree pass (the
-    bets beside the drafts), and the top-k of their logits. On a GPU each new pass size loads
-    kernels of its own the first time (0.4-1.2 s each on an H100: docs/benchmarks.md, "GPU
-    check"), so there every size up to passes.TREE_TOKENS."""
-    from amusd_viz.engine.passes import TREE_TOKENS
-
-    on_gpu = str(runner.device).startswith("cuda")
-    warm = list(range(WARM_UP_TOKENS))
-    runner.reset()
-    runner.forward(warm, 1)  # prefill
-    for n_logits in range(1, TREE_TOKENS + 1) if on_gpu else (1, 4, 9):
-        warm = [*warm, len(warm)]
-        logits, *_ = runner.forward(warm, n_logits)
-        runner.tops(logits)
-    runner.forward(warm, 3, paths=[(len(warm) - 2, [5, 6])])  # a tree pass
-    runner.cost = pass_cost(runner, warm)
-    runner.reset()
-
-
-def pass_cost(runner, seq: list[int], wide: int = 9):
-    """Time a one-token pass and a `wide`-token one over `seq`, warm (the best of three where
-    a pass is quick, as a tiny model's is: one sample there is mostly the host's noise)."""
-    from amusd_viz.engine.estimate import PassCost
-
-    def best(n_logits: int) -> float:
-        times: list[float] = []
-        while len(times) < 3 and (not times or times[0] < 0.05):
-            start = time.perf_counter()
-            runner.forward(seq, n_logits)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    one = best(1)
-    return PassCost(one, max(0.0, best(wide) - one) / (wide - 1))
 
 
 def worker_main(spec: WorkerSpec, requests, events, shared=None, schedule=None) -> None:
@@ -169,8 +87,7 @@ def _load_models(spec: WorkerSpec, devices, schedule, events):
     """Load this worker's model(s) on their devices (target's, draft's), warm them up, and
     report each as ready."""
     from amusd_viz.config import parse_ngram
-    from amusd_viz.engine.devices import device_info
-    from amusd_viz.events import WorkerReady
+    from amusd_viz.engine.loading import load_model
 
     device, draft_device = devices
     start = time.perf_counter_ns()
@@ -180,30 +97,41 @@ def _load_models(spec: WorkerSpec, devices, schedule, events):
     # transformers 5.24: it repeats tokens)
     stock = spec.strategy in ("hf-generate", "hf-assisted")
     preamble = () if stock else spec.preamble
+    cache: dict = {} if stock else {"kv_cache": spec.kv_cache, "cuda_graphs": spec.cuda_graphs}
     if spec.target_src:
-        target = _load(spec.target_src, spec.dtype, device.torch_device, pack=not stock,
-                       preamble=preamble, kv_cache=spec.kv_cache)
+        target = load_model(spec.target_src, spec.dtype, device.torch_device, pack=not stock,
+                       preamble=preamble, **cache)
     if spec.draft_src and (n := parse_ngram(spec.draft_src)):
         from amusd_viz.engine.ngram import load_ngram
 
         draft = load_ngram(n, spec.target_src or spec.tokenizer_src or "", device.torch_device,
                            target.tokenizer if target else None)
     elif spec.draft_src:
-        draft = _load(spec.draft_src, spec.dtype, draft_device.torch_device,
+        draft = load_model(spec.draft_src, spec.dtype, draft_device.torch_device,
                       target.tokenizer if target else None, spec.draft_quant,
-                      pack=not stock, preamble=preamble, kv_cache=spec.kv_cache)
+                      pack=not stock, preamble=preamble, **cache)
     _assign_turns((target, draft), devices, schedule)
     _make_dear(spec, (target, draft))
+    _report_ready(spec, (target, draft), devices, start, events)
+    return target, draft
+
+
+def _report_ready(spec: WorkerSpec, runners, devices, start: int, events) -> None:
+    """One worker_ready per model: load time, device, pass cost and CUDA graphs."""
+    from amusd_viz.engine.devices import device_info
+    from amusd_viz.events import WorkerReady
+
     now = time.perf_counter_ns()
-    for role, runner, on in (("target", target, device), ("draft", draft, draft_device)):
+    for role, runner, on in zip(("target", "draft"), runners, devices, strict=True):
         if runner is not None:
             cost = runner.cost if runner.cost.one_s > 0 else None
+            graphs = getattr(runner, "graph_report", None)
             events.send(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=role, device=str(on),
                                     pid=os.getpid(), load_s=(now - start) / 1e9,
                                     device_info=device_info(on),
                                     pass_s=cost.one_s if cost else None,
-                                    extra_token=cost.extra if cost else None))
-    return target, draft
+                                    extra_token=cost.extra if cost else None,
+                                    **(graphs.as_fields() if graphs else {})))
 
 
 def _assign_turns(models, devices, schedule) -> None:

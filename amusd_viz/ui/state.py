@@ -115,6 +115,8 @@ class RunState:
                 self.lanes.setdefault(e.role, Lane(e.role, e.device))
                 self.lanes[e.role].add(Span(e.t - e.load_s, e.t, "load", 0))
                 self.message = f"{e.role} ready ({e.load_s:.1f} s)"
+                if e.graph_note:
+                    self.message += f" · {e.graph_note}"
                 if e.role == "target" and (aside := dear_tokens(self.strategy, e.extra_token)):
                     self.message += f" · {aside} on this CPU: drafts step aside (? says why)"
             case Forward():
