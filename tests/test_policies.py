@@ -168,6 +168,15 @@ def test_where_extra_tokens_are_dear_a_first_draft_must_pay_for_its_place_in_the
     assert not budget.one_more([])
 
 
+def test_where_extra_tokens_are_dear_the_drafts_catch_up_counts_against_its_first_draft():
+    """The same cheap draft, but 60 tokens behind (its prefill still to feed, 15 ms a token
+    where extra tokens are dear): 0.9 s for one draft, so it does not go; one token behind it
+    does. Where tokens are cheap the catch-up is not weighed (the first draft always goes)."""
+    budget = DraftBudget(PassCost(0.30, 0.09), PassCost(0.02, 0.015))
+    assert budget.one_more([], behind=1) and not budget.one_more([], behind=60)
+    assert DraftBudget(CHEAP, PassCost(0.02, 0.015)).one_more([], behind=60)
+
+
 def test_a_dear_draft_token_ends_the_line_sooner():
     """Drafts of confidence 0.9, a 20 ms draft step: where tokens are cheap the line runs to the
     lookahead (8); where each adds 240 ms to the pass, it stops after two."""

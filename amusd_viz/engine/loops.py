@@ -26,7 +26,7 @@ from amusd_viz.engine.policies import bets_policy, cache_policy, length_policy
 from amusd_viz.engine.request import Outcome, Request
 from amusd_viz.engine.runner import Runner
 from amusd_viz.engine.schedule import Concurrent
-from amusd_viz.engine.seq import first_difference
+from amusd_viz.engine.seq import common_prefix, first_difference
 from amusd_viz.engine.shared import SharedState
 
 
@@ -83,7 +83,7 @@ def draft_line(d: Drafter, length: FixedLength, seq: list[int], limit: int) -> L
     """Draft up to `limit` tokens after `seq`, while the length policy says one more pays."""
     line = Line()
     while len(line.tokens) < limit:
-        if not length.one_more(line.confs):
+        if not length.one_more(line.confs, len(seq) - common_prefix(d.draft.ids, seq)):
             line.stopped = "confidence"
             break
         steps = d.steps(seq + line.tokens, room=limit - len(line.tokens) - 1)
