@@ -89,6 +89,7 @@ class GraphRunner(StaticRunner):
                 problem = self._disagreement(size, captured)
             except Exception as exc:  # a capture that fails is dropped, not fatal
                 captured, problem = None, f"{type(exc).__name__}: {exc}"[:200]
+                self.set_pointer(len(self.ids))  # whatever it wrote is past the line's end
             if problem is None and captured is not None:
                 self.graphs[size] = captured
                 report.kept.append(size)

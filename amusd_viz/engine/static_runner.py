@@ -52,9 +52,8 @@ class StaticRunner(Runner):
     def reset(self) -> None:
         if self.cache is None:
             self.cache = self._line()
-        else:
-            self.cache.crop(-len(self.ids))  # the pointer back to the start: no new tensors
         self.ids = []
+        self.set_pointer(0)  # the start of the same line: no new tensors
 
     @torch.inference_mode()
     def set_preamble(self, ids: list[int]) -> None:
@@ -77,8 +76,8 @@ class StaticRunner(Runner):
             for layer, (keys, values) in zip(self._layers(), self._saved, strict=True):
                 layer.keys[:, :, :n].copy_(keys)
                 layer.values[:, :, :n].copy_(values)
-                layer.cumulative_length.fill_(n)
             self.ids = list(self.preamble)
+            self.set_pointer(n)
         super().begin()
 
     @torch.inference_mode()
@@ -99,8 +98,8 @@ class StaticRunner(Runner):
         for mine, theirs in zip(self._layers(), other._layers(), strict=True):
             mine.keys[:, :, start:len(other.ids)].copy_(theirs.keys[:, :, start:len(other.ids)])
             mine.values[:, :, start:len(other.ids)].copy_(theirs.values[:, :, start:len(other.ids)])
-            mine.cumulative_length.fill_(len(other.ids))
         self.ids = list(other.ids)
+        self.set_pointer(len(self.ids))
         other.release()
 
     def release(self) -> None:
@@ -121,6 +120,12 @@ class StaticRunner(Runner):
             self._spares.clear()
         self.cache = (self._line() if self.cache is None
                       else self._copy_into(self._line(), len(self.ids)))
+
+    @torch.inference_mode()
+    def set_pointer(self, n: int) -> None:
+        """Where the next write goes; `ids` must say what lies before it."""
+        for layer in self._layers():
+            layer.cumulative_length.fill_(n)
 
     @torch.inference_mode()
     def crop(self, keep: int) -> None:
