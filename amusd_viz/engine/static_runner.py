@@ -94,12 +94,9 @@ class StaticRunner(Runner):
         address, which a captured CUDA graph writes); the branch's line goes back to the pool."""
         assert isinstance(other, StaticRunner) and other.cache is not None
         self.reserve(len(other.ids))
-        start = common_prefix(self.ids, other.ids)
-        for mine, theirs in zip(self._layers(), other._layers(), strict=True):
-            mine.keys[:, :, start:len(other.ids)].copy_(theirs.keys[:, :, start:len(other.ids)])
-            mine.values[:, :, start:len(other.ids)].copy_(theirs.values[:, :, start:len(other.ids)])
+        assert self.cache is not None
+        other._copy_into(self.cache, len(other.ids), start=common_prefix(self.ids, other.ids))
         self.ids = list(other.ids)
-        self.set_pointer(len(self.ids))
         other.release()
 
     def release(self) -> None:
@@ -182,10 +179,11 @@ class StaticRunner(Runner):
                 return line
         return self._line()
 
-    def _copy_into(self, line: Cache, n: int) -> Cache:
+    def _copy_into(self, line: Cache, n: int, start: int = 0) -> Cache:
+        """This line's slots start..n into `line`, whose pointer then stands at n."""
         for mine, theirs in zip(self._layers(), _layers(line), strict=True):
-            theirs.keys[:, :, :n].copy_(mine.keys[:, :, :n])
-            theirs.values[:, :, :n].copy_(mine.values[:, :, :n])
+            theirs.keys[:, :, start:n].copy_(mine.keys[:, :, start:n])
+            theirs.values[:, :, start:n].copy_(mine.values[:, :, start:n])
             theirs.cumulative_length.fill_(n)
         return line
 
