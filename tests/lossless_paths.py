@@ -298,7 +298,11 @@ class _RowsAhead:
         return getattr(self.runner, name)
 
     def forward(self, seq, n_logits=1, **tree):
+        from amusd_viz.engine.runner import HostRows
+
         logits, *rest = self.runner.forward(seq, n_logits, **tree)
+        read = self.runner.read  # what the host read of the rows: one too late as well
+        self.read = HostRows(read.argmax[1:] + read.argmax[-1:], read.tops[1:] + read.tops[-1:])
         return (torch.cat([logits[1:], logits[-1:]]), *rest)
 
 

@@ -87,12 +87,14 @@ class Memo:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def forward(self, seq, n_logits=1, paths=()):
-        key = (tuple(seq), n_logits, tuple((anchor, tuple(tokens)) for anchor, tokens in paths))
+    def forward(self, seq, n_logits=1, paths=(), tops=True):
+        key = (tuple(seq), n_logits, tuple((anchor, tuple(tokens)) for anchor, tokens in paths),
+               tops)
         if key not in self.passes:
             self.runner.reset()
-            self.passes[key] = self.runner.forward(seq, n_logits, paths)
-        return self.passes[key]
+            self.passes[key] = self.runner.forward(seq, n_logits, paths, tops), self.runner.read
+        out, self.read = self.passes[key]  # what the host read of that pass, as Runner.read
+        return out
 
 
 class CountingTarget:

@@ -71,11 +71,11 @@ def _rollback_forgets_one_token(monkeypatch):
 def _verify_accepts_one_more(monkeypatch):
     original = sampling._greedy_verdict
 
-    def verdict(logits, drafts):
-        v = original(logits, drafts)
+    def verdict(preds, drafts):
+        v = original(preds, drafts)
         if v.accepted < len(drafts):  # take the rejected draft token as if it had matched
             i = v.accepted
-            return sampling.Verdict(i + 1, [*drafts[:i + 1], int(logits[i + 1].argmax())],
+            return sampling.Verdict(i + 1, [*drafts[:i + 1], preds[i + 1]],
                                     ["accepted"] * (i + 1) + ["correction"], [])
         return v
 

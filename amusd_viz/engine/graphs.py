@@ -4,8 +4,9 @@ An eager transformers forward launches about a thousand kernels from Python: on 
 pass took ~25 ms whatever the model (docs/benchmarks.md, "GPU check"), while the weights stream
 in a few. A CUDA graph records one pass's kernels once and replays them with one launch. A graph
 replays fixed shapes at fixed addresses, so (as in gpt-fast, SGLang and vLLM) the runner is a
-StaticRunner with buckets: every pass is padded to one of a few sizes, the inputs (ids,
-positions, the attention mask over the whole line) are copied into the graph's own buffers, and
+StaticRunner with buckets: every pass is padded to one of a few sizes, its inputs (the ids and
+four integers per row, from which the replay itself builds the positions and the attention mask
+over the whole line: engine/masks.py) go into the graph's own buffer in one small copy, and
 the cache line never moves (forks are other lines; they and any pass larger than the largest
 bucket run eagerly, at the bucket's padded size).
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from amusd_viz.engine.runner import tree_mask
+from amusd_viz.engine import masks
 from amusd_viz.engine.static_runner import StaticRunner
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -35,9 +36,7 @@ class Captured:
     """One bucket's graph and the buffers it reads and writes."""
 
     graph: torch.cuda.CUDAGraph
-    ids: torch.Tensor  # [1, size]
-    positions: torch.Tensor  # [1, size]
-    mask: torch.Tensor  # [1, 1, size, line]
+    table: torch.Tensor  # [5, size]: ids, then masks.pass_rows (the mask is built in the replay)
     logits: torch.Tensor  # [1, size, vocab]: overwritten by the next replay
 
 
@@ -63,15 +62,11 @@ class GraphRunner(StaticRunner):
         self.graph_report: GraphReport | None = None  # set at load (loading._make_runner)
         self.replays = 0  # passes the graphs ran (tests, reports)
 
-    def _call(self, size: int, ids: list[int], allowed: torch.Tensor,
-              positions: list[int]) -> torch.Tensor:
+    def _call(self, size: int, table: torch.Tensor) -> torch.Tensor:
         captured = self.graphs.get(size)
         if captured is None or self.cache is not self._line_of_graphs:
-            return super()._call(size, ids, allowed, positions)
-        inputs = self._mask_inputs(allowed, positions)
-        captured.ids.copy_(torch.tensor([ids], dtype=torch.long), non_blocking=True)
-        captured.positions.copy_(inputs["position_ids"], non_blocking=True)
-        captured.mask.copy_(inputs["attention_mask"], non_blocking=True)
+            return super()._call(size, table)
+        captured.table.copy_(table, non_blocking=True)  # the pass's one host-to-device copy
         captured.graph.replay()  # writes the line at the pointer and moves it, as eager does
         self.replays += 1
         return captured.logits[0].clone()
@@ -100,39 +95,30 @@ class GraphRunner(StaticRunner):
         report.seconds = time.perf_counter() - start
         return report
 
-    def _inputs(self, size: int) -> tuple[list[int], dict]:
-        """A real pass of `size` tokens after what the line holds: ids, positions and mask."""
-        keep = len(self.ids)
-        ids = [(7 * i + 3) % self.vocab for i in range(size)]
-        allowed, positions = tree_mask(keep, size, (), self.line_tokens, pad_to=size)
-        return ids, self._mask_inputs(allowed, positions)
+    def _table(self, size: int) -> torch.Tensor:
+        """A real pass of `size` tokens after what the line holds: ids, then its rows."""
+        ids = torch.tensor([[(7 * i + 3) % self.vocab for i in range(size)]], dtype=torch.long)
+        return torch.cat([ids, masks.pass_rows(len(self.ids), size, (), size)])
 
     def _capture(self, size: int, pool) -> Captured:
-        ids, inputs = self._inputs(size)
-        buffers = Captured(torch.cuda.CUDAGraph(),
-                           torch.tensor([ids], dtype=torch.long, device=self.device),
-                           inputs["position_ids"].clone(), inputs["attention_mask"].clone(),
+        buffers = Captured(torch.cuda.CUDAGraph(), self._table(size).to(self.device),
                            torch.empty(0))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
             for _ in range(2):
-                self._eager(buffers)
+                self._eager(buffers.table)
                 self.cache.crop(-size)  # type: ignore[union-attr]
         torch.cuda.current_stream(self.device).wait_stream(side)
         with torch.cuda.graph(buffers.graph, pool=pool):
-            buffers.logits = self._eager(buffers)  # recorded, not run: the pointer stays
+            buffers.logits = self._eager(buffers.table)  # recorded, not run: the pointer stays
         return buffers
-
-    def _eager(self, b: Captured) -> torch.Tensor:
-        return self.model(input_ids=b.ids, position_ids=b.positions, attention_mask=b.mask,
-                          cache=self.cache, use_cache=True, logits_to_keep=0).logits
 
     def _disagreement(self, size: int, captured: Captured) -> str | None:
         """Replay beside an eager pass on the same inputs: None where every row agrees."""
         from amusd_viz.lossless import TopTwo, is_near_tie
 
-        eager = self._eager(captured)[0].float()
+        eager = self._eager(captured.table)[0].float()
         self.cache.crop(-size)  # type: ignore[union-attr]
         captured.graph.replay()
         graphed = captured.logits[0].float()

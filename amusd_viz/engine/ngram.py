@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from amusd_viz.engine.estimate import FLAT
+from amusd_viz.engine.runner import HostRows
 
 PLAN_TOKENS = 32  # how far one match is copied at most (the lookahead caps each pass)
 
@@ -64,6 +65,7 @@ class NgramDrafter:
         # needs no device turn: it computes nothing there
         self.turn: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.ids: list[int] = []  # the Runner interface: what was looked at last
+        self.read = HostRows([], [])  # and what the host read of the last lookup
         self.model = None
         self.last: Match | None = None  # the match behind the latest proposal (the inspector's)
         self._base: list[int] = []  # the text a plan was made for
@@ -94,8 +96,9 @@ class NgramDrafter:
         self.last = match
         return self._plan[0]
 
-    def forward(self, seq: list[int], n_logits: int = 1):
-        """(one-hot logits [1, vocab] or None, 0 tokens fed, start_ns, end_ns)."""
+    def forward(self, seq: list[int], n_logits: int = 1, paths=(), tops: bool = True):
+        """(one-hot logits [1, vocab] or None, 0 tokens fed, start_ns, end_ns); what the host
+        reads of them in `read`, as a Runner's (its one candidate, whatever `tops` says)."""
         start = time.perf_counter_ns()
         token = self._next(list(seq))
         self.ids = list(seq)
@@ -103,6 +106,7 @@ class NgramDrafter:
         if token is not None:
             logits = torch.full((1, self.vocab), float("-inf"))
             logits[0, token] = 0.0
+            self.read = HostRows([token], [self.top(logits[0])])
         return logits, 0, start, time.perf_counter_ns()
 
     def text(self, token_id: int) -> str:

@@ -102,13 +102,15 @@ class Verifier:
         self.req, self.target, self.device, self.emit = req, target, device, emit
         self.c = Committer(req, target, emit)
         self.sampler = sampler_for(req, target)
+        self.greedy = self.sampler.params.greedy  # the host reads the logits' top candidates
 
     def first_token(self, phase: str = "prefill", lent: bool = False) -> None:
         """One pass with no drafts: the prompt's prefill, or a plain decode step."""
-        logits, fed, start, end = self.target.forward(self.c.seq, 1)
+        logits, fed, start, end = self.target.forward(self.c.seq, 1, tops=self.greedy)
         self.emit(forward_event(self.req, "target", self.device, phase, fed, start, end, lent))
-        token, probs = self.sampler.own(logits[0], self.c.n_new)
-        top = self.target.top(logits[0]) if probs is None else self.target.top_of_probs(probs)
+        read = self.target.read  # the pass's argmax and top candidates, already on the host
+        token, probs = self.sampler.own(logits[0], self.c.n_new, read.argmax[0])
+        top = read.tops[0] if probs is None else self.target.top_of_probs(probs)
         self.c.commit([token], ["decoded"], [top])
         self.sampler.noise.forget_before(self.c.n_new)
 
@@ -120,7 +122,7 @@ class Verifier:
         token a path bets on there, the verdict goes on along that path's drafts."""
         tree = [(p.anchor, [p.token, *p.drafts]) for p in paths]
         logits, fed, start, end = self.target.forward(self.c.seq + drafts, len(drafts) + 1,
-                                                      paths=tree)
+                                                      paths=tree, tops=self.greedy)
         self.emit(forward_event(self.req, "target", self.device, "verify" if drafts else "decode",
                                 fed + sum(len(t) for _, t in tree), start, end, lent))
         start_pos = self.c.n_new
@@ -133,32 +135,32 @@ class Verifier:
 
     def _judge(self, logits, drafts: list[int], start_pos: int, q_rows: list,
                paths: Sequence) -> Judged:
-        main = logits[:len(drafts) + 1]
-        verdict = self.sampler.verdict(main, drafts, start_pos, q_rows)
+        read, row = self.target.read, len(drafts) + 1  # the pass's rows as the host read them
+        verdict = self.sampler.verdict(logits[:row], drafts, start_pos, q_rows, read.argmax[:row])
         judged = Judged(verdict, tokens=list(verdict.tokens), hows=list(verdict.hows),
-                        tops=self._tops(main, verdict))
+                        tops=self._tops(read.tops[:row], verdict))
         if verdict.accepted == len(drafts):
             return judged
-        row = len(drafts) + 1
         for path in paths:
             if _goes_on(path, len(self.c.seq) + verdict.accepted, verdict.tokens[-1]):
                 # its rows are the target's logits after the bet, as a next pass would compute them
-                rows = logits[row:row + 1 + len(path.drafts)]
-                along = self.sampler.verdict(rows, path.drafts, start_pos + len(verdict.tokens),
-                                             path.q_rows)
+                last = row + 1 + len(path.drafts)
+                along = self.sampler.verdict(logits[row:last], path.drafts,
+                                             start_pos + len(verdict.tokens), path.q_rows,
+                                             read.argmax[row:last])
                 judged.path, judged.along = path, along
                 judged.tokens += along.tokens
                 judged.hows += along.hows
-                judged.tops += self._tops(rows, along)
+                judged.tops += self._tops(read.tops[row:last], along)
                 break
             row += 1 + len(path.drafts)
         return judged
 
-    def _tops(self, logits, verdict: Verdict) -> list[list[dict]]:
+    def _tops(self, tops: list[list[dict]], verdict: Verdict) -> list[list[dict]]:
         """The target's top candidates at each committed position: of p when sampling."""
         n = len(verdict.tokens)
         if verdict.probs is None:
-            return self.target.tops(logits[:n])
+            return tops[:n]
         return self.target.tops_of_probs(verdict.probs[:n])
 
 
@@ -239,8 +241,8 @@ class Drafter:
         runner = runner or self.draft
         guesses = self.guesser.guesses(seq, room)
         paths = [(len(seq) - 1, [sibling])] if sibling is not None else []
-        logits, fed, start, end = runner.forward([*seq, *guesses], len(guesses) + 1,
-                                                 **({"paths": paths} if paths else {}))
+        logits, fed, start, end = runner.forward([*seq, *guesses], len(guesses) + 1, paths=paths,
+                                                 tops=self.sampler.params.greedy)
         phase = phase or runner.phase_name or ("draft" if self.fed else "prefill")
         self.fed = True
         self.emit(forward_event(self.req, "draft", self.device, phase, fed, start, end))
@@ -250,7 +252,7 @@ class Drafter:
         steps = self._choose_rows(runner, logits, seq, guesses, secs, end, phase, on_step)
         self.guesser.observe(guesses, [step.token for step in steps])
         if sibling is not None:
-            steps[0].beside = self._step(runner, logits[len(guesses) + 1],
+            steps[0].beside = self._step(runner, logits, len(guesses) + 1,
                                          len(seq) - self.req.n_prompt, secs, end)
         return steps
 
@@ -262,7 +264,7 @@ class Drafter:
         for i in range(len(guesses) + 1):
             if i and (steps[-1].token != guesses[i - 1] or guesses[i - 1] in self.req.eos_ids):
                 break  # the guess before this row missed: the row is not the draft's own step
-            step = self._step(runner, logits[i], pos + i, secs if i == 0 else None, end)
+            step = self._step(runner, logits, i, pos + i, secs if i == 0 else None, end)
             steps.append(step)
             if on_step is not None:
                 on_step(i, step)
@@ -270,17 +272,17 @@ class Drafter:
                 self.emit(proposal_event(self.req, runner, step, pos + i, end, guessed=i > 0))
         return steps
 
-    def _step(self, runner: Runner, row, pos: int, secs: float | None, end: int) -> Step:
-        token, q, conf, top = choose(runner, self.sampler, row, pos)
+    def _step(self, runner: Runner, logits, i: int, pos: int, secs: float | None,
+              end: int) -> Step:
+        token, q, conf, top = choose(runner, self.sampler, logits[i], pos, runner.read.tops[i])
         alt, alt_p = self.sampler.runner_up(token, pos, q, top)
         return Step(token, q, secs, conf, alt, alt_p, top, end)
 
 
-def choose(draft: Runner, sampler: Sampler, logits_row, pos: int):
+def choose(draft: Runner, sampler: Sampler, logits_row, pos: int, top: list[dict]):
     """The draft's proposal at `pos`: (token, q row or None, the draft's probability of it, its
-    top candidates)."""
-    if sampler.params.greedy:  # the top-5's head is the proposal: one copy to the host
-        top = draft.top(logits_row)
+    top candidates). `top`: the row's top candidates, as the host read them (Runner.read)."""
+    if sampler.params.greedy:  # the top-5's head is the proposal
         return top[0]["id"], None, float(top[0]["p"]), top
     token, q_x, q = sampler.propose(logits_row, pos)
     assert q is not None and q_x is not None  # a sampler gives q whenever it samples

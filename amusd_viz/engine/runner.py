@@ -15,39 +15,25 @@ import contextlib
 import copy
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import Cache, DynamicCache
 
+from amusd_viz.engine import masks
 from amusd_viz.engine.estimate import FLAT
 from amusd_viz.engine.seq import common_prefix
 
 
-def tree_mask(keep: int, n: int, paths: Sequence[tuple[int, list[int]]], width: int,
-              pad_to: int = 0) -> tuple[torch.Tensor, list[int]]:
-    """Which keys each query row sees, and its position, for `n` fed tokens after `keep` cached
-    ones, then the paths' tokens: each sees seq before its anchor, and its own path up to
-    itself. Padding rows up to `pad_to` (a fixed-size pass: engine/static_runner.py) sit after
-    them, each seeing every slot up to its own: never all-masked, so they stay finite, and no
-    real row sees them."""
-    extra = sum(len(tokens) for _, tokens in paths)
-    real = n + extra
-    rows = max(real, pad_to)
-    allowed = torch.zeros(rows, width, dtype=torch.bool)
-    allowed[:n, :keep + n] = torch.ones(n, keep + n, dtype=torch.bool).tril(keep)
-    positions = list(range(keep, keep + n))
-    row = n  # the query row of the path's first token; its key is keep + row
-    for anchor, tokens in paths:
-        for j in range(len(tokens)):
-            allowed[row + j, :anchor] = True
-            allowed[row + j, keep + row:keep + row + j + 1] = True
-            positions.append(anchor + j)
-        row += len(tokens)
-    if rows > real:
-        allowed[real:, :keep + rows] = torch.ones(rows - real, keep + rows,
-                                                   dtype=torch.bool).tril(keep + real)
-        positions += range(keep + real, keep + rows)
-    return allowed, positions
+@dataclass
+class HostRows:
+    """What the host reads of a pass's logits rows, in one device-to-host copy (on a GPU each
+    copy is a synchronisation, so a pass makes one): per row the argmax and the top candidates,
+    and whether every logit is finite."""
+
+    argmax: list[int]
+    tops: list[list[dict]]
+    finite: bool = True
 
 
 class NonFiniteLogits(RuntimeError):
@@ -67,6 +53,7 @@ class Runner:
         self.preamble: list[int] = []
         self._preamble_cache: Cache | None = None
         self._texts: dict[int, str] = {}
+        self.read = HostRows([], [])  # what the host read of the last pass (forward)
         self.is_cuda = self.device.type == "cuda"
         self.cost = FLAT  # what a pass and each extra token in it cost: measured at load
         # before each pass: a shared device's turn (schedule.py), or sync-2dev's core
@@ -126,9 +113,13 @@ class Runner:
 
     @torch.inference_mode()
     def forward(self, seq: list[int], n_logits: int = 1,
-                paths: Sequence[tuple[int, list[int]]] = ()) -> tuple[torch.Tensor, int, int, int]:
+                paths: Sequence[tuple[int, list[int]]] = (),
+                tops: bool = True) -> tuple[torch.Tensor, int, int, int]:
         """Returns (float32 logits [rows, vocab], tokens fed, start_ns, end_ns): the next-token
-        logits of seq's last `n_logits` positions, then those of each path's tokens.
+        logits of seq's last `n_logits` positions, then those of each path's tokens. What the
+        host reads of them (argmax and, with `tops`, the top candidates) is in `self.read`, row
+        for row. A sampling caller passes tops=False: its candidates come from the processed
+        distribution, and the softmax and top-k over the vocabulary would be work thrown away.
 
         A path (anchor, tokens) is a line that leaves seq at index `anchor`: its first token
         stands in place of seq[anchor] (seeing only seq[:anchor], at that position), the others
@@ -150,7 +141,8 @@ class Runner:
             assert self.cache is not None
             self.cache.crop(-len(extra))  # the paths' keys and values: the line goes on alone
         self.ids.extend(feed)  # before any raise: ids must always say what the cache holds
-        if not bool(torch.isfinite(logits).all()):
+        self.read = self.rows_to_host(logits, tops)  # the pass's one copy to the host
+        if not self.read.finite:
             raise NonFiniteLogits(
                 f"the model's logits are not finite (NaN or inf) in {self.model.dtype} on "
                 f"{self.device}: it overflows in this dtype (float16 does in Qwen2-family "
@@ -172,23 +164,11 @@ class Runner:
         """One model call over `ids` (n fed tokens after `keep` cached ones, then the paths')."""
         tree = {}
         if paths:
-            allowed, positions = tree_mask(keep, n, paths, self.mask_width(keep + len(ids)))
-            tree = self._mask_inputs(allowed, positions)
+            table = masks.pass_rows(keep, n, paths).to(self.device)
+            tree = masks.mask_inputs(table, self.mask_width(keep + len(ids)), self.model)
         out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
                          cache=self.cache, use_cache=True, logits_to_keep=rows, **tree)
         return out.logits[0, -rows:].float()
-
-    def _mask_inputs(self, allowed: torch.Tensor, positions: list[int]) -> dict:
-        """position_ids and a 4D attention mask, as this model's attention takes it (sdpa: the
-        boolean mask; eager: an additive one)."""
-        if getattr(self.model.config, "_attn_implementation", "sdpa") != "sdpa":
-            dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed,
-                                                                       torch.finfo(dtype).min)
-        else:
-            mask = allowed
-        return {"position_ids": torch.tensor([positions], device=self.device),
-                "attention_mask": mask[None, None].to(self.device)}
 
     def text(self, token_id: int) -> str:
         if token_id not in self._texts:
@@ -205,15 +185,24 @@ class Runner:
         return self.tops(logits_row[None])[0]
 
     def tops(self, rows: torch.Tensor) -> list[list[dict]]:
-        """`top` for every row of [n, vocab] logits, with one copy to the host (on a GPU, each
-        copy is a synchronisation: one per pass, not two per row)."""
+        """`top` for every row of [n, vocab] logits, with one copy to the host."""
+        return self.rows_to_host(rows).tops
+
+    def rows_to_host(self, rows: torch.Tensor, tops: bool = True) -> HostRows:
+        """Each row's argmax, finiteness and (with `tops`) top candidates, packed into one copy
+        to the host (before: a copy each for the finite check, the argmax and the top-k, three
+        host synchronisations a pass on a GPU)."""
         rows = rows.float()
-        p, idx = torch.topk(torch.softmax(rows, dim=-1), self.top_k, dim=-1)
+        k = self.top_k if tops else 0
+        p, idx = torch.topk(torch.softmax(rows, dim=-1), k, dim=-1) if k else (rows[:, :0],) * 2
+        finite = torch.isfinite(rows).all(dim=-1, keepdim=True)
         # ids below 2**24 are exact as float32
-        host = torch.stack([p, idx.float(), rows.gather(-1, idx)]).cpu().tolist()
-        return [[{"id": int(i), "text": self.text(int(i)), "p": round(q, 4), "logit": round(x, 5)}
-                 for q, i, x in zip(ps, ids, xs, strict=True)]
-                for ps, ids, xs in zip(*host, strict=True)]
+        packed = torch.cat([finite.float(), rows.argmax(dim=-1, keepdim=True).float(), p,
+                            idx.float(), rows.gather(-1, idx.long())], dim=-1).cpu().tolist()
+        best = [[{"id": int(i), "text": self.text(int(i)), "p": round(q, 4), "logit": round(x, 5)}
+                 for q, i, x in zip(row[2:2 + k], row[2 + k:2 + 2 * k], row[2 + 2 * k:],
+                                    strict=True)] for row in packed]
+        return HostRows([int(row[1]) for row in packed], best, all(row[0] for row in packed))
 
     def top_of_probs(self, probs: torch.Tensor) -> list[dict]:
         """The top candidates of a distribution (a sampler's p or q)."""

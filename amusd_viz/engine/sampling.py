@@ -131,10 +131,12 @@ class Sampler:
         self.noise = Noise(params.seed, vocab)
         self.vocab = vocab
 
-    def own(self, logits_row: torch.Tensor, pos: int) -> tuple[int, torch.Tensor | None]:
-        """The target's token at `pos` (and its processed distribution when sampling)."""
+    def own(self, logits_row: torch.Tensor, pos: int,
+            argmax: int | None = None) -> tuple[int, torch.Tensor | None]:
+        """The target's token at `pos` (and its processed distribution when sampling).
+        `argmax`: the row's, where the host has already read it (Runner.read)."""
         if self.params.greedy:
-            return int(logits_row.argmax()), None
+            return int(logits_row.argmax()) if argmax is None else argmax, None
         # a one-row batch: the same processing as a verify pass's rows (the logits themselves
         # may differ in the last bits between pass shapes: docs/protocol.md, "Sampling")
         p = _pad(processed(logits_row.cpu()[None], self.params)[0], self.vocab)
@@ -170,11 +172,12 @@ class Sampler:
         return alt, float(q[alt])
 
     def verdict(self, logits: torch.Tensor, drafts: list[int], start_pos: int,
-                q_rows: list[torch.Tensor | None]) -> Verdict:
+                q_rows: list[torch.Tensor | None], argmax: list[int] | None = None) -> Verdict:
         """Judge `drafts` (at positions start_pos, ...) against the target's logits rows (one
-        more row than drafts)."""
+        more row than drafts). `argmax`: the rows', where the host has already read them."""
         if self.params.greedy:
-            return _greedy_verdict(logits, drafts)
+            return _greedy_verdict(logits.argmax(dim=-1).tolist() if argmax is None else argmax,
+                                   drafts)
         probs = processed(logits.cpu(), self.params)  # every row at once
         if probs.shape[-1] != self.vocab:
             probs = torch.stack([_pad(row, self.vocab) for row in probs])
@@ -228,10 +231,9 @@ def _check(p: torch.Tensor, q: torch.Tensor, x: int, u: float | None) -> Check:
                  overlap=float(torch.minimum(p, q).sum()))
 
 
-def _greedy_verdict(logits: torch.Tensor, drafts: list[int]) -> Verdict:
-    """Accept the longest prefix of `drafts` matching the target's argmax, then add the
-    target's own token (a correction, or a bonus after a full match)."""
-    preds = logits.argmax(dim=-1).tolist()
+def _greedy_verdict(preds: list[int], drafts: list[int]) -> Verdict:
+    """Accept the longest prefix of `drafts` matching the target's argmax at each row
+    (`preds`), then add the target's own token (a correction, or a bonus after a full match)."""
     accepted = 0
     while accepted < len(drafts) and drafts[accepted] == preds[accepted]:
         accepted += 1

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 import torch
 from transformers import Cache, StaticCache
 
-from amusd_viz.engine.runner import Runner, tree_mask
+from amusd_viz.engine import masks
+from amusd_viz.engine.runner import Runner
 from amusd_viz.engine.seq import common_prefix
 
 FIRST_LINE_TOKENS = 1024  # a line's first length; a longer run grows it (reserve)
@@ -148,20 +149,22 @@ class StaticRunner(Runner):
         """`ids` padded to the next bucket: the padding's slots are written past the real ones
         and the pointer moved back over them (the next pass overwrites them)."""
         size = next(b for b in self.buckets if b >= len(ids))
-        allowed, positions = tree_mask(keep, n, paths, self.line_tokens, pad_to=size)
-        logits = self._call(size, [*ids, *[0] * (size - len(ids))], allowed, positions)
+        padded = torch.tensor([[*ids, *[0] * (size - len(ids))]], dtype=torch.long)
+        logits = self._call(size, torch.cat([padded, masks.pass_rows(keep, n, paths, size)]))
         assert self.cache is not None
         self.cache.crop(-(size - len(ids)))
         return logits[:len(ids)]
 
-    def _call(self, size: int, ids: list[int], allowed: torch.Tensor,
-              positions: list[int]) -> torch.Tensor:
-        """One fixed-size model call: [size, vocab] logits (a CUDA graph's replay, where one
-        is captured: engine/graphs.py)."""
-        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
-                         cache=self.cache, use_cache=True, logits_to_keep=0,
-                         **self._mask_inputs(allowed, positions))
-        return out.logits[0]
+    def _call(self, size: int, table: torch.Tensor) -> torch.Tensor:
+        """One fixed-size model call: [size, vocab] logits (a CUDA graph's replay, where one is
+        captured: engine/graphs.py). `table` [5, size] (host): the ids, then masks.pass_rows,
+        sent to the device in one copy."""
+        return self._eager(table.to(self.device))[0]
+
+    def _eager(self, table: torch.Tensor) -> torch.Tensor:
+        """The model over a device-side table: [1, size, vocab] logits."""
+        return self.model(input_ids=table[:1], cache=self.cache, use_cache=True, logits_to_keep=0,
+                          **masks.mask_inputs(table[1:], self.line_tokens, self.model)).logits
 
     def _line(self) -> StaticCache:
         cfg = self.model.config.get_text_config(decoder=True)
