@@ -438,6 +438,7 @@ class _Runner:
             resolve_draft_quant,
             resolve_kv_cache,
         )
+        from amusd_viz.engine.mps import resolve_share
 
         base = self.plan.cfg.run
         ngram = run.name in NGRAM_RUNS or base.ngram_n is not None
@@ -453,6 +454,9 @@ class _Runner:
             "kv_cache": (kv := resolve_kv_cache(base.kv_cache_option, target_device)),
             "cuda_graphs": resolve_cuda_graphs(base.cuda_graphs_option, kv,
                                                (target_device, draft_device)),
+            # MPS serves amusd's two workers on one GPU; every other run ignores the share
+            "gpu_share": resolve_share(base.gpu_share_option, "amusd", target_device, draft_device)
+            if run.engine_strategy == "amusd" and draft_device == target_device else None,
             "draft_quant": "none" if ngram else resolve_draft_quant(base.draft_quant_option,
                                                                       runs_on)})
         draft_src = (f"ngram:{DEFAULT_NGRAM_N}" if run.name in NGRAM_RUNS and base.ngram_n is None
@@ -556,6 +560,7 @@ def build_report(results: list[Result], plan: BenchPlan, prepared, stopped: str 
                      "draft_quant": cfg.run.draft_quant_option,
                      "kv_cache": cfg.run.kv_cache_option,
                      "cuda_graphs": cfg.run.cuda_graphs_option,
+                     "gpu_share": cfg.run.gpu_share_option,
                      "preamble_cache": cfg.run.preamble_cache,
                      "temperature": cfg.run.temperature, "top_p": cfg.run.top_p,
                      "top_k": cfg.run.top_k, "seed": cfg.run.seed,

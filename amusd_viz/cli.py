@@ -32,6 +32,7 @@ from amusd_viz.config import (
     RunConfig,
     parse_ngram,
 )
+from amusd_viz.engine.mps import parse_share
 from amusd_viz.errors import RunFailed, UserError
 
 COMMANDS = ("bench", "replay", "export-trace", "stats", "models", "serve")
@@ -168,6 +169,12 @@ def add_tuning_options(p: argparse.ArgumentParser) -> None:
                         "pass instead of a kernel launch per layer op; each graph is checked "
                         "against the eager pass and dropped for it where they disagree "
                         "(default: auto: on wherever a model runs on a GPU)")
+    g.add_argument("--gpu-share", default="baton", metavar="baton|mps:N",
+                   help="amusd with both models on one GPU: baton, the workers take turns "
+                        "(sync's schedule); mps:N, both compute at once under NVIDIA MPS, the "
+                        "draft capped at N%% of the GPU's SMs and the target at the rest (needs "
+                        "a running MPS daemon: nvidia-cuda-mps-control -d; refused without "
+                        "one) (default: baton)")
     g.add_argument("--stall-timeout", type=positive_float, default=DEFAULT_STALL_TIMEOUT,
                    metavar="S", help="fail the run when the target makes no progress for S "
                                      f"seconds (default: {DEFAULT_STALL_TIMEOUT:g})")
@@ -440,12 +447,13 @@ def _sampling_settings(args) -> dict:
 def _model_settings(args) -> dict:
     """The options that run and bench share, as RunConfig fields."""
     parse_ngram(args.draft)  # a bad ngram:N is one clear line, before anything loads
+    parse_share(args.gpu_share)  # so is a bad --gpu-share
     return {**_sampling_settings(args), "draft": args.draft, "target": args.target,
             "dtype_option": args.dtype,
             "max_new_tokens": args.max_new_tokens, "stall_timeout": args.stall_timeout,
             "target_device_option": args.target_device, "draft_device_option": args.draft_device,
             "draft_quant_option": args.draft_quant, "kv_cache_option": args.kv_cache,
-            "cuda_graphs_option": args.cuda_graphs,
+            "cuda_graphs_option": args.cuda_graphs, "gpu_share_option": args.gpu_share,
             "adaptive": args.adaptive == "on",
             "spec_cache": args.spec_cache == "on", "draft_lookup": args.draft_lookup == "on",
             "lend_core": args.lend_core == "on"}

@@ -128,12 +128,14 @@ class RunConfig(BaseModel):
     draft_quant_option: QuantChoice = "auto"
     kv_cache_option: KvCacheChoice = "auto"
     cuda_graphs_option: OnOffAuto = "auto"
+    gpu_share_option: str = Field("baton", pattern=r"^(baton|mps:\d{1,3})$")
     # What that resolved to (engine.devices.resolve_run).
     target_device: str = ""
     draft_device: str | None = None  # None for `ar`
     draft_quant: DraftQuant = "none"
     kv_cache: KvCache = "dynamic"
     cuda_graphs: bool = False
+    gpu_share: int | None = None  # amusd on one GPU under MPS: the draft's percent (engine/mps.py)
     # Outputs.
     events: Path | None = None
     summary_json: Path | None = None

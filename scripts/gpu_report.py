@@ -28,6 +28,12 @@ SHAPES = {  # the default pair's shapes (Qwen2.5-Coder 0.5B / 1.5B)
                         num_attention_heads=12, num_key_value_heads=2),
 }
 VOCAB = 151936
+MISSION_SHAPES = {  # `--draft tinyllama --target llama-7b`: TinyLlama-1.1B and Llama-2-7B
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32),
+}
 # The agreeing pair: the target's layers past DRAFT_LAYERS add AGREE_SCALE of their random output
 # to the residual stream, and the draft is the target's first DRAFT_LAYERS layers (a layer-skip
 # draft), so the draft's greedy token is the target's ~80% of the time (measured on CPU in
@@ -82,24 +88,47 @@ def make_agreeing_pair(path: Path) -> tuple[str, str]:
     return str(target), str(draft)
 
 
-def forward_times(src: str, device: str, dtype: str) -> dict:
-    """Milliseconds per forward pass of each size: the first (cold) and the median of 10."""
+def forward_times(src, device: str, dtype: str) -> dict:
+    """Milliseconds per forward pass of each size, eager and graphed: the first (cold) and the
+    median of 10, and the weights' GB/s at the warm time (against the card's bandwidth).
+    `src`: a checkpoint's path, or a model already on `device`."""
     from transformers import AutoModelForCausalLM
 
     from amusd_viz.engine.graphs import GraphRunner
     from amusd_viz.engine.runner import Runner
 
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype),
-                                                 device_map=device).eval()
+    model = src if isinstance(src, torch.nn.Module) else AutoModelForCausalLM.from_pretrained(
+        src, dtype=getattr(torch, dtype), device_map=device).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     graphed = GraphRunner(model, device)
     report = graphed.capture()
     out: dict = {"capture_s": round(report.seconds, 2), "graphs": report.kept,
-                 "dropped": {str(k): v for k, v in report.dropped.items()}}
+                 "dropped": {str(k): v for k, v in report.dropped.items()},
+                 "weights_gb": round(weights / 1e9, 3)}
     for name, runner in (("eager", Runner(model, device)), ("graphed", graphed)):
         for n in PASS_TOKENS:
-            out[f"{n} tokens {name}"] = _pass_times(runner, n)
+            times = out[f"{n} tokens {name}"] = _pass_times(runner, n)
+            times["gb_s"] = round(weights / 1e6 / times["warm_ms"], 1)
     del model, graphed
     torch.cuda.empty_cache()
+    return out
+
+
+def mission_shapes(device: str, dtype: str) -> dict:
+    """The mission's pair (TinyLlama-1.1B draft, Llama-2-7B target), random weights built on the
+    card from their configs (no download): forward times per pass size, eager and graphed."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    out = {}
+    for name, shape in MISSION_SHAPES.items():
+        torch.manual_seed(4)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=32000, **shape),
+                                                     dtype=getattr(torch, dtype)).eval()
+        out[name] = forward_times(model, device, dtype)
+        print(f"forward {name}: {out[name]}", flush=True)
+        del model
+        torch.cuda.empty_cache()
     return out
 
 
@@ -117,8 +146,10 @@ def _pass_times(runner, n: int) -> dict:
 
 
 def engine_run(strategy: str, target: str, draft: str, devices: tuple[str, str], dtype: str,
-               max_new: int, adaptive: bool = True, kv_cache: str = "graphs") -> dict:
-    """kv_cache: "graphs" (static lines and CUDA graphs: the GPU default), "static", "dynamic"."""
+               max_new: int, adaptive: bool = True, kv_cache: str = "graphs",
+               gpu_share: int | None = None) -> dict:
+    """kv_cache: "graphs" (static lines and CUDA graphs: the GPU default), "static", "dynamic";
+    gpu_share: amusd's draft's percent of one GPU under MPS (engine/mps.py)."""
     import psutil
 
     from amusd_viz import stats
@@ -130,7 +161,7 @@ def engine_run(strategy: str, target: str, draft: str, devices: tuple[str, str],
                        draft_src=None if strategy == "ar" else draft,
                        target_device=devices[0], draft_device=devices[1], dtype=dtype,
                        adaptive=adaptive, kv_cache="dynamic" if kv_cache == "dynamic" else "static",
-                       cuda_graphs=kv_cache == "graphs")
+                       cuda_graphs=kv_cache == "graphs", gpu_share=gpu_share)
     with Engine(cfg, sink) as engine:
         start = time.perf_counter()
         engine.start()
@@ -158,8 +189,11 @@ def engine_run(strategy: str, target: str, draft: str, devices: tuple[str, str],
                                               / max(1, sum(len(e.proposed) for e in verifies)), 3)
                                         if verifies else None),
                          "drafts_per_verify": _drafts_per_verify(sink.events),
+                         "pass_ms": _pass_ms(sink.events),
                          "overlap": s.overlap, "busy": s.busy})
-    return {"strategy": strategy + ("" if adaptive else " (fixed 8)"), "devices": list(devices),
+    share = f" mps:{gpu_share}" if gpu_share else ""
+    return {"strategy": strategy + share + ("" if adaptive else " (fixed 8)"),
+            "devices": list(devices),
             "kv_cache": kv_cache, "graphs": graphs,
             "load_s": round(load_s, 2),
             "host_rss_gib": rss, "gpu_used_gib": gpu,
@@ -168,7 +202,18 @@ def engine_run(strategy: str, target: str, draft: str, devices: tuple[str, str],
             "tokens_per_pass": rows[-1]["tokens_per_pass"], "acceptance": rows[-1]["acceptance"],
             "tokens": rows[-1]["tokens"],
             "drafts_per_verify": rows[-1]["drafts_per_verify"], "overlap": rows[-1]["overlap"],
+            "pass_ms": rows[-1]["pass_ms"],
             "busy": rows[-1]["busy"]}
+
+
+def _pass_ms(events) -> dict:
+    """Each role's median forward pass (ms): under MPS against the baton's, the slowdown that
+    sharing the card costs each model."""
+    by_role: dict[str, list[float]] = {}
+    for e in events:
+        if e.type == "forward" and e.phase != "prefill":
+            by_role.setdefault(e.role, []).append(1000 * e.dur)
+    return {role: round(statistics.median(ms), 3) for role, ms in by_role.items()}
 
 
 def _drafts_per_verify(events) -> float | None:
@@ -183,58 +228,106 @@ def main() -> int:
     parser.add_argument("--target"), parser.add_argument("--draft")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--section", choices=("main", "mps", "mission"), default="main",
+                        help="main: forward times and every strategy's runs; mps: amusd on one "
+                             "GPU under an MPS daemon the caller started; mission: forward "
+                             "times of the mission's shapes. Each adds to gpu-report.json.")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count()
     if not gpus:
         print("gpu_report: no CUDA GPU here; nothing to measure.", file=sys.stderr)
         return 1
+    path = args.out / "gpu-report.json"
+    report: dict = json.loads(path.read_text()) if path.is_file() else {}
+    report.update({"gpus": [torch.cuda.get_device_name(i) for i in range(gpus)],
+                   "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype})
+    report.setdefault("forward", {})
+    report.setdefault("runs", [])
+    if args.section == "mission":
+        report["forward"].update(mission_shapes("cuda:0", args.dtype))
+        path.write_text(json.dumps(report, indent=2))
+    else:
+        run_section(args, report, path, gpus)
+    write_markdown(report, args.out / "gpu-report.md")
+    return 0
+
+
+def run_section(args, report: dict, path: Path, gpus: int) -> None:
+    """The forward times and every strategy's runs (main), or amusd under MPS (mps)."""
+    from amusd_viz.engine.mps import daemon_problem
+
     target = args.target or str(make_shaped_model(args.models / "target", SHAPES["target-1.5b"], 1))
     draft = args.draft or str(make_shaped_model(args.models / "draft", SHAPES["draft-0.5b"], 2))
-    report: dict = {"gpus": [torch.cuda.get_device_name(i) for i in range(gpus)],
-                    "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype,
-                    "forward": {}, "runs": []}
-    for name, src in (("target", target), ("draft", draft)):
-        report["forward"][name] = forward_times(src, "cuda:0", args.dtype)
-        print(f"forward {name}: {report['forward'][name]}", flush=True)
+    agreeing = None if args.target else make_agreeing_pair(args.models / "agreeing")
+    one_gpu = ("cuda:0", "cuda:0")
+    if args.section == "mps":
+        if problem := daemon_problem():
+            report["mps"] = f"not run: {problem}"
+            print(f"gpu_report: MPS {report['mps']}", flush=True)
+            path.write_text(json.dumps(report, indent=2))
+            return
+        runs = [("random", target, draft, "amusd", one_gpu, True, "graphs", share)
+                for share in MPS_SHARES]
+        if agreeing:
+            runs += [("agreeing", *agreeing, "amusd", one_gpu, adaptive, "graphs", share)
+                     for share in MPS_SHARES for adaptive in (True, False)]
+    else:
+        for name, src in (("target", target), ("draft", draft)):
+            report["forward"][name] = forward_times(src, "cuda:0", args.dtype)
+            print(f"forward {name}: {report['forward'][name]}", flush=True)
+        runs = main_runs(target, draft, agreeing, gpus)
+    for pair, target_src, draft_src, strategy, devices, adaptive, kv_cache, share in runs:
+        row = {"pair": pair, **engine_run(strategy, target_src, draft_src, devices, args.dtype,
+                                          args.max_new_tokens, adaptive, kv_cache, share)}
+        report["runs"].append(row)
+        path.write_text(json.dumps(report, indent=2))
+        print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
+
+
+MPS_SHARES = (30,)  # the draft's percent of the SMs; the target gets the rest
+
+
+def main_runs(target: str, draft: str, agreeing: tuple[str, str] | None, gpus: int) -> list:
+    """ar, sync and amusd (the baton) on one GPU, amusd on two where there are; static lines
+    with CUDA graphs (the GPU's default), ar also without graphs and on the dynamic cache; the
+    agreeing pair also at a fixed lookahead (a random draft's flat distributions stop the
+    adaptive one early)."""
     setups = [("ar", ("cuda:0", "cuda:0")), ("sync", ("cuda:0", "cuda:0")),
               ("amusd", ("cuda:0", "cuda:0"))]
     if gpus > 1:
         setups.append(("amusd", ("cuda:0", "cuda:1")))
-    # static lines with CUDA graphs are the GPU's default; ar also without graphs, and dynamic
-    runs = [("random", target, draft, strategy, devices, True, "graphs")
+    runs = [("random", target, draft, strategy, devices, True, "graphs", None)
             for strategy, devices in setups]
-    runs += [("random", target, draft, "ar", ("cuda:0", "cuda:0"), True, kv)
+    runs += [("random", target, draft, "ar", ("cuda:0", "cuda:0"), True, kv, None)
              for kv in ("static", "dynamic")]
-    if not args.target:  # also with a fixed lookahead: a random draft's flat distributions
-        agreeing = make_agreeing_pair(args.models / "agreeing")  # stop the adaptive one early
-        runs += [("agreeing", *agreeing, strategy, devices, adaptive, "graphs")
+    if agreeing:
+        runs += [("agreeing", *agreeing, strategy, devices, adaptive, "graphs", None)
                  for strategy, devices in setups for adaptive in (True, False)
                  if adaptive or strategy != "ar"]
-    for pair, target_src, draft_src, strategy, devices, adaptive, kv_cache in runs:
-        row = {"pair": pair, **engine_run(strategy, target_src, draft_src, devices, args.dtype,
-                                          args.max_new_tokens, adaptive, kv_cache)}
-        report["runs"].append(row)
-        (args.out / "gpu-report.json").write_text(json.dumps(report, indent=2))
-        print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
-    (args.out / "gpu-report.json").write_text(json.dumps(report, indent=2))
+    return runs
+
+
+def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# GPU check: {', '.join(report['gpus'])}, torch {report['torch']}, CUDA "
-             f"{report['cuda']}, {args.dtype}", "", "| model | pass | cold ms | warm ms |",
-             "|---|---|---|---|"]
+             f"{report['cuda']}, {report['dtype']}", "",
+             "| model | pass | cold ms | warm ms | weights GB/s |", "|---|---|---|---|---|"]
     for name, shapes in report["forward"].items():
-        lines += [f"| {name} | {k} | {v['cold_ms']} | {v['warm_ms']} |" for k, v in shapes.items()
-                  if isinstance(v, dict) and "cold_ms" in v]
+        lines += [f"| {name} | {k} | {v['cold_ms']} | {v['warm_ms']} | {v.get('gb_s', '')} |"
+                  for k, v in shapes.items() if isinstance(v, dict) and "cold_ms" in v]
         lines.append(f"| {name} | graphs {shapes['graphs']}, dropped {shapes['dropped']} | "
-                     f"capture {shapes['capture_s']} s | |")
+                     f"capture {shapes['capture_s']} s | | {shapes.get('weights_gb', '')} GB |")
+    if "mps" in report:
+        lines += ["", f"MPS: {report['mps']}"]
     lines += ["", "| pair | strategy | devices | KV cache | ms/token | tokens/pass | acceptance "
-              "| drafts/verify | both busy | load s | RSS GiB | GPU GiB used |", "|---" * 12 + "|"]
+              "| drafts/verify | both busy | pass ms | load s | RSS GiB | GPU GiB used |",
+              "|---" * 13 + "|"]
     lines += [f"| {r['pair']} | {r['strategy']} | {'/'.join(r['devices'])} | {r['kv_cache']} | "
-              f"{r['median_ms_per_token']} | "
-              f"{r['tokens_per_pass']} | {r['acceptance']} | {r['drafts_per_verify']} | {r['overlap']} "
-              f"| {r['load_s']} | {r['host_rss_gib']} | {r['gpu_used_gib']} |" for r in report["runs"]]
-    (args.out / "gpu-report.md").write_text("\n".join(lines) + "\n")
+              f"{r['median_ms_per_token']} | {r['tokens_per_pass']} | {r['acceptance']} | "
+              f"{r['drafts_per_verify']} | {r['overlap']} | {r.get('pass_ms')} | {r['load_s']} | "
+              f"{r['host_rss_gib']} | {r['gpu_used_gib']} |" for r in report["runs"]]
+    path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

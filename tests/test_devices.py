@@ -3,12 +3,14 @@ mocked; the same logic runs on a real GPU in tests/test_cuda.py (scripts/gpu-che
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from amusd_viz.bench import Result, compare_with_ar, devices_for, plan_runs
 from amusd_viz.config import BenchConfig, RunConfig
-from amusd_viz.engine import devices
+from amusd_viz.engine import devices, mps
 from amusd_viz.errors import UserError
 
 
@@ -65,6 +67,59 @@ def test_cuda_graphs_run_wherever_a_model_is_on_a_gpu_over_the_static_cache():
     with pytest.raises(UserError, match="--kv-cache static"):
         devices.resolve_cuda_graphs("on", "dynamic", ("cuda:0", None))
     assert not devices.resolve_run(RunConfig(strategy="amusd")).cuda_graphs  # this CPU
+
+
+@pytest.fixture
+def mps_daemon(tmp_path, monkeypatch):
+    """A stand-in for NVIDIA's MPS control tool on PATH and its control pipe: `answer` is the
+    exit status it gives."""
+    tool, pipes = tmp_path / "bin" / "nvidia-cuda-mps-control", tmp_path / "pipes"
+    tool.parent.mkdir()
+    pipes.mkdir()
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(pipes))
+
+    def answer(status: int, running: bool = True):
+        tool.write_text(f"#!/bin/sh\ncat >/dev/null\necho 'refused' >&2\nexit {status}\n")
+        tool.chmod(0o755)
+        if running:
+            (pipes / "control").touch()
+
+    return answer
+
+
+def test_gpu_share_mps_needs_amusd_on_one_gpu_and_a_running_daemon(mps_daemon, monkeypatch):
+    assert mps.resolve_share("baton", "amusd", "cuda:0", "cuda:0") is None
+    for bad in ("mps", "mps:0", "mps:100", "mps:x", "half"):
+        with pytest.raises(UserError, match="use baton, or mps:N"):
+            mps.parse_share(bad)
+    for strategy, target, draft in (("sync", "cuda:0", "cuda:0"), ("amusd", "cuda:0", "cuda:1"),
+                                    ("amusd", "cpu:0", "cpu:0")):
+        with pytest.raises(UserError, match="amusd's two workers"):
+            mps.resolve_share("mps:30", strategy, target, draft)
+    path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", "/nonexistent")  # no driver tools at all
+    with pytest.raises(UserError, match=r"not installed.*silently take turns.*--gpu-share baton"):
+        mps.resolve_share("mps:30", "amusd", "cuda:0", "cuda:0")
+    monkeypatch.setenv("PATH", path)
+    mps_daemon(0, running=False)
+    with pytest.raises(UserError, match=r"no MPS daemon is running.*nvidia-cuda-mps-control -d"):
+        mps.resolve_share("mps:30", "amusd", "cuda:0", "cuda:0")
+    mps_daemon(1)
+    with pytest.raises(UserError, match=r"did not answer .exit 1: refused"):
+        mps.resolve_share("mps:30", "amusd", "cuda:0", "cuda:0")
+    mps_daemon(0)
+    assert mps.resolve_share("mps:30", "amusd", "cuda:0", "cuda:0") == 30
+    assert (mps.worker_percent("draft", 30), mps.worker_percent("target", 30)) == (30, 70)
+    assert mps.label("cuda:0", 30) == "cuda:0 [mps 30%]" and mps.label("cuda:0", None) == "cuda:0"
+
+
+def test_a_bad_gpu_share_is_one_line_before_anything_loads(capsys):
+    from amusd_viz.cli import main
+
+    assert main(["--gpu-share", "mps:150", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--gpu-share 'mps:150'" in err
 
 
 def test_worker_ready_names_the_graphs_kept_and_those_dropped():
@@ -210,6 +265,43 @@ def test_non_finite_logits_fail_the_pass_with_a_clear_error(runner, monkeypatch)
     # the pass filled the cache: the runner says so, or its next passes would attend to
     # keys it does not know it holds (a tree pass's mask then no longer fits)
     assert runner.cache.get_seq_length() == len(runner.ids) == 3
+
+    def one_bad_logit(*args, **kwargs):  # one logit of the first of several rows
+        out = real(*args, **kwargs)
+        out.logits[0, 0, 3] = float("inf")
+        return out
+
+    monkeypatch.setattr(runner.model, "forward", one_bad_logit)
+    with pytest.raises(NonFiniteLogits):
+        runner.forward([5, 6, 7, 8, 9], 3)
+
+
+@pytest.mark.parametrize("side", ["verify", "draft"])
+def test_a_pass_reads_the_host_once(runner, monkeypatch, side):
+    """A greedy pass's finite check, argmax and top candidates come to the host in one copy
+    (Runner.rows_to_host): on a GPU each read is a synchronisation (tests/test_cuda.py counts
+    those). Here: the conversions of tensors to Python values, one (the packed copy's tolist)
+    whatever the number of drafts, or of a draft pass's rows (its step and a sibling's)."""
+    from amusd_viz.engine.passes import Drafter, Verifier, sampler_for
+    from amusd_viz.engine.request import Request
+
+    req = Request([5, 6, 7], 20, 8, frozenset(), 0)
+    runner.begin()
+    verifier = Verifier(req, runner, "cpu", lambda e: None)
+    drafter = Drafter(req, runner, sampler_for(req, runner), "cpu", lambda e: None)
+    verifier.first_token()
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _name=name, _real=real, **k:
+                            (reads.append(_name), _real(self, *a, **k))[1])
+    if side == "verify":
+        assert verifier.check([9] * 8) < 8
+    else:
+        steps = drafter.steps([5, 6, 7], sibling=11)
+        assert steps and steps[0].beside is not None and steps[0].top
+    monkeypatch.undo()
+    assert reads == ["tolist"], reads
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])

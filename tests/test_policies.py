@@ -69,6 +69,13 @@ def test_an_engine_config_resolves_its_devices_into_the_plan():
     assert plan_for(cfg(draft_device="cpu:0")).schedule == "baton"
     assert plan_for(cfg(target_device="cpu", draft_device="cpu:1")).schedule == "concurrent"
     assert plan_for(cfg(draft_src="ngram:3")).cache is False
+    # one GPU: the baton, unless MPS lets both compute at once (engine/mps.py)
+    one_gpu = cfg(target_device="cuda:0", draft_device="cuda:0")
+    assert plan_for(one_gpu).schedule == "baton"
+    under_mps = cfg(target_device="cuda:0", draft_device="cuda:0", gpu_share=30)
+    assert plan_for(under_mps).schedule == "concurrent" and plan_for(under_mps).cache
+    assert [s.mps_percent for s in under_mps.worker_specs(0, plan_for(under_mps))] == [70, 30]
+    assert [s.mps_percent for s in one_gpu.worker_specs(0, plan_for(one_gpu))] == [None, None]
 
 
 def test_a_plan_becomes_its_policy_objects():

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from amusd_viz.config import RunConfig, draft_runs_with_target
+from amusd_viz.engine.mps import resolve_share
 from amusd_viz.errors import UserError
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
@@ -164,6 +165,8 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
                                   "kv_cache": (kv := resolve_kv_cache(cfg.kv_cache_option, target)),
                                   "cuda_graphs": resolve_cuda_graphs(cfg.cuda_graphs_option, kv,
                                                                      (target, draft)),
+                                  "gpu_share": resolve_share(cfg.gpu_share_option, cfg.strategy,
+                                                             target, draft),
                                   "dtype": resolve_dtype(cfg.dtype_option, target)
                                   if cfg.dtype_option else cfg.dtype})
 

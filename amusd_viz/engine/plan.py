@@ -87,5 +87,6 @@ def resolve(strategy: str, *, adaptive: bool = True, spec_cache: bool = True,
 def plan_for(cfg) -> Plan:
     """The plan of an engine's settings and devices (session.EngineConfig)."""
     return resolve(cfg.strategy, **switches(cfg), ngram=cfg.ngram,
-                   shared_device=one_device(cfg.target_device, cfg.draft_device, cfg.ngram),
+                   shared_device=one_device(cfg.target_device, cfg.draft_device, cfg.ngram)
+                   and not cfg.gpu_share,  # under MPS the two compute at once
                    loan_core=borrowable_core(cfg.target_device, cfg.draft_device))

@@ -13,6 +13,7 @@ from typing import Any
 
 from amusd_viz import stats
 from amusd_viz.config import EngineStrategy, RunConfig
+from amusd_viz.engine import mps
 from amusd_viz.engine.plan import switches
 from amusd_viz.engine.seq import common_prefix
 from amusd_viz.engine.session import Engine, EngineConfig, Generation
@@ -75,7 +76,7 @@ class Prepared:
                             target_device=cfg.target_device, draft_device=cfg.draft_device,
                             dtype=cfg.dtype, stall_timeout=cfg.stall_timeout,
                             draft_quant=cfg.draft_quant, kv_cache=cfg.kv_cache,
-                            cuda_graphs=cfg.cuda_graphs,
+                            cuda_graphs=cfg.cuda_graphs, gpu_share=cfg.gpu_share,
                             **switches(cfg),
                             preamble=self.preamble if cfg.preamble_cache else (),
                             faults={str(role): spec for role, spec in cfg.faults.items()},
@@ -121,9 +122,13 @@ def prepare(cfg: RunConfig, log=lambda m: print(m, file=sys.stderr)) -> Prepared
 
 def run_started_event(p: Prepared, cfg: RunConfig, prompt_ids: list[int]) -> RunStarted:
     spec = cfg.uses_draft
+    draft_device = cfg.draft_device and mps.label(cfg.draft_device,
+                                                  mps.worker_percent("draft", cfg.gpu_share))
     return RunStarted(t=0.0, strategy=cfg.strategy, draft=p.draft if spec else None,
-                      target=p.target, draft_device=cfg.draft_device if spec else None,
-                      target_device=cfg.target_device, prompt_tokens=len(prompt_ids),
+                      target=p.target, draft_device=draft_device if spec else None,
+                      target_device=mps.label(cfg.target_device,
+                                              mps.worker_percent("target", cfg.gpu_share)),
+                      prompt_tokens=len(prompt_ids),
                       dtype=cfg.dtype, lookahead=cfg.lookahead if spec else 0,
                       max_new_tokens=cfg.max_new_tokens, prompt=cfg.prompt,
                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,

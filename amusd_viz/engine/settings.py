@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from amusd_viz.config import GREEDY, EngineStrategy, SamplingParams, draft_runs_with_target, parse_ngram
+from amusd_viz.engine.mps import worker_percent
 from amusd_viz.engine.plan import Plan
 from amusd_viz.engine.worker import WorkerSpec
 
@@ -35,6 +36,7 @@ class EngineConfig:
     draft_quant: str = "none"  # "int8" quantizes the draft's linear layers (CPU devices only)
     kv_cache: str = "dynamic"  # "static": preallocated KV lines (engine/static_runner.py)
     cuda_graphs: bool = False  # with the static cache, on a GPU: engine/graphs.py
+    gpu_share: int | None = None  # amusd on one GPU under MPS: the draft's percent (engine/mps.py)
     preamble: tuple[int, ...] = ()  # the prompt head every run shares: cached at load time
     faults: dict[str, str] = field(default_factory=dict)  # tests: role -> fault spec
     sampling: SamplingParams = GREEDY
@@ -59,12 +61,14 @@ class EngineConfig:
                 WorkerSpec("target", "amusd", self.target_device, self.dtype, self.target_src,
                            None, t0_ns, self.faults.get("target", ""), preamble=self.preamble,
                            borrow_core=plan.loan_core, kv_cache=self.kv_cache,
-                           cuda_graphs=self.cuda_graphs),
+                           cuda_graphs=self.cuda_graphs,
+                           mps_percent=worker_percent("target", self.gpu_share)),
                 WorkerSpec("draft", "amusd", self.draft_device or self.target_device, self.dtype,
                            None, self.draft_src, t0_ns, self.faults.get("draft", ""),
                            self.draft_quant, preamble=self.preamble,
                            tokenizer_src=self.target_src if self.ngram else None,
-                           kv_cache=self.kv_cache, cuda_graphs=self.cuda_graphs),
+                           kv_cache=self.kv_cache, cuda_graphs=self.cuda_graphs,
+                           mps_percent=worker_percent("draft", self.gpu_share)),
             ]
         draft_src = self.draft_src if draft_runs_with_target(self.strategy) else None
         # sync with a device per model (the paper's baseline) still runs in one process

@@ -36,6 +36,7 @@ class WorkerSpec:
     draft_device: str | None = None  # sync on two devices: the draft's own (devices.check_device_pair)
     kv_cache: str = "dynamic"  # "static": preallocated KV lines (engine/static_runner.py)
     cuda_graphs: bool = False  # with the static cache, on a GPU: engine/graphs.py
+    mps_percent: int | None = None  # under MPS: this worker's percent of the GPU (engine/mps.py)
 
 
 def _die_with_parent() -> None:
@@ -55,7 +56,9 @@ def worker_main(spec: WorkerSpec, requests, events, shared=None, schedule=None) 
     try:
         from amusd_viz.engine.devices import enter_device, enter_two_devices, parse_device
         from amusd_viz.engine.messages import Done, Ready
+        from amusd_viz.engine.mps import enter_share, label
 
+        enter_share(spec.mps_percent)  # before this process's first CUDA call
         device = parse_device(spec.device)
         draft_device = parse_device(spec.draft_device) if spec.draft_device else device
         if draft_device != device:
@@ -72,9 +75,9 @@ def worker_main(spec: WorkerSpec, requests, events, shared=None, schedule=None) 
         _slow_down(spec, target if spec.role == "target" else draft)
         events.send(Ready(spec.role))
         emit = _fault_injector(spec, events.send)
+        labels = (label(str(device), spec.mps_percent), label(str(draft_device), spec.mps_percent))
         while (msg := requests.get()) is not None:
-            result = _serve(spec, msg.request, (target, draft), (str(device), str(draft_device)),
-                            (shared, schedule), emit)
+            result = _serve(spec, msg.request, (target, draft), labels, (shared, schedule), emit)
             events.send(Done(spec.role, msg.run_id, result))
     except Exception as exc:
         from amusd_viz.engine.messages import Failed
@@ -119,6 +122,7 @@ def _load_models(spec: WorkerSpec, devices, schedule, events):
 def _report_ready(spec: WorkerSpec, runners, devices, start: int, events) -> None:
     """One worker_ready per model: load time, device, pass cost and CUDA graphs."""
     from amusd_viz.engine.devices import device_info
+    from amusd_viz.engine.mps import label
     from amusd_viz.events import WorkerReady
 
     now = time.perf_counter_ns()
@@ -126,7 +130,8 @@ def _report_ready(spec: WorkerSpec, runners, devices, start: int, events) -> Non
         if runner is not None:
             cost = runner.cost if runner.cost.one_s > 0 else None
             graphs = getattr(runner, "graph_report", None)
-            events.send(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=role, device=str(on),
+            events.send(WorkerReady(t=(now - spec.t0_ns) / 1e9, role=role,
+                                    device=label(str(on), spec.mps_percent),
                                     pid=os.getpid(), load_s=(now - start) / 1e9,
                                     device_info=device_info(on),
                                     pass_s=cost.one_s if cost else None,
