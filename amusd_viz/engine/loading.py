@@ -68,22 +68,24 @@ def load_kwargs(dtype_name: str, device: str) -> dict:
 
 def warm_up(runner) -> None:
     """The first passes page the weights in and pick the kernels: that is loading work, and
-    left in it would land in the first run's timings. So run the shapes a run uses: a prefill,
-    a one-token decode, verify passes of 4 and 9 tokens (lookahead 3 and 8), a tree pass (the
-    bets beside the drafts), and the top-k of their logits. On a GPU each new pass size loads
-    kernels of its own the first time (0.4-1.2 s each on an H100: docs/benchmarks.md, "GPU
-    check"), so there every size up to passes.TREE_TOKENS."""
+    left in it would land in the first run's timings. On a GPU each new pass size loads kernels
+    of its own the first time (0.4-1.2 s each on an H100: docs/benchmarks.md, "GPU check"), so
+    there every size up to passes.TREE_TOKENS, a tree pass and the top-k of their logits run
+    before the passes are timed. On a CPU only the first pass is dear (the prompt's prefill:
+    3 s against 0.2 for the next in bf16 here); each later size ran at its own speed the first
+    time (1, 4, 9 tokens and a tree pass, bf16 and float32, within 3%), so the timing passes
+    are the rest of the warm-up: 6 s less to load the float32 target on this host."""
     from amusd_viz.engine.passes import TREE_TOKENS
 
-    on_gpu = str(runner.device).startswith("cuda")
     warm = list(range(WARM_UP_TOKENS))
     runner.reset()
     runner.forward(warm, 1)  # prefill
-    for n_logits in range(1, TREE_TOKENS + 1) if on_gpu else (1, 4, 9):
-        warm = [*warm, len(warm)]
-        logits, *_ = runner.forward(warm, n_logits)
-        runner.tops(logits)
-    runner.forward(warm, 3, paths=[(len(warm) - 2, [5, 6])])  # a tree pass
+    if str(runner.device).startswith("cuda"):
+        for n_logits in range(1, TREE_TOKENS + 1):
+            warm = [*warm, len(warm)]
+            logits, *_ = runner.forward(warm, n_logits)
+            runner.tops(logits)
+        runner.forward(warm, 3, paths=[(len(warm) - 2, [5, 6])])  # a tree pass
     runner.cost = pass_cost(runner, warm)
     runner.reset()
 
