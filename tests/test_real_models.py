@@ -127,15 +127,17 @@ def test_prompt_longer_than_the_context(tmp_path):
     assert out.returncode == 2 and "exceeds the target's context" in out.stderr
 
 
-def test_coupled_sampling_gives_the_same_ids_in_every_strategy():
-    """The default pair at temperature 0.8, seed 7, float32: ar, sync and amusd agree token for
+def test_coupled_sampling_gives_the_target_alones_ids():
+    """The default pair at temperature 0.8, seed 7, float32: amusd agrees with ar token for
     token (the coupled rule's promise), and the summary records the settings. Adaptive policies
-    off, so drafts are verified even where a pass's extra tokens are dear."""
+    off, so drafts are verified even where a pass's extra tokens are dear. (sync's coupled runs,
+    and amusd's, equal ar's on the tiny models in every path: tests/test_sampling.py and
+    tests/test_lossless_paths.py; a third engine here cost CI ~50 s.)"""
     runs = {s: headless("--strategy", s, "--dtype", "float32", "--max-new-tokens", "16",
                         "--temperature", "0.8", "--seed", "7", "--adaptive", "off")
-            for s in ("ar", "sync", "amusd")}
+            for s in ("ar", "amusd")}
     ids = {s: r["token_ids"] for s, r in runs.items()}
-    assert ids["sync"] == ids["ar"] and ids["amusd"] == ids["ar"], ids
+    assert ids["amusd"] == ids["ar"], ids
     for r in runs.values():
         assert (r["temperature"], r["seed"], r["acceptance"]) == (0.8, 7, "coupled")
     assert runs["amusd"]["expected_acceptance"] is not None
