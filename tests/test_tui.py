@@ -84,6 +84,24 @@ async def test_inspector_follows_the_cursor():
         assert "rejected" in plain(app.query_one(Inspector))
 
 
+async def test_the_stats_take_the_rows_an_empty_inspector_leaves():
+    """At 100x30, before a token is inspected, the inspector is its one-line hint and the stats
+    show their rows; inspecting one gives the inspector its whole verdict back."""
+    from amusd_viz.ui.widgets import StatsPanel
+
+    app = replay_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await _settle(pilot)
+        inspector, stats = app.query_one(Inspector), app.query_one(StatsPanel)
+        assert app.cursor is None and inspector.region.height <= 5, inspector.region
+        shown = len(plain(stats).splitlines())
+        assert shown >= 6 and stats.region.height >= 8, (shown, stats.region)
+        await pilot.press("left")
+        await pilot.pause(0.1)
+        lines = plain(inspector).splitlines()
+        assert inspector.region.height >= 11 and len(lines) <= inspector.region.height - 2
+
+
 async def test_replay_pause_step_and_seek():
     app = replay_app(speed=1.0)
     async with app.run_test(size=SIZE) as pilot:

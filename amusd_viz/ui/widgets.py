@@ -238,6 +238,8 @@ class Inspector(Static):
     """The draft's and the target's top candidates at the cursor, side by side, and the verdict."""
 
     def show(self, state: RunState, cursor: int | None) -> None:
+        empty = cursor is None or cursor >= len(state.tokens)
+        self.set_class(empty, "-empty")  # a hint needs two lines, not a verdict's height (app.tcss)
         if cursor is None or cursor >= len(state.tokens):
             self.update(Text("←/→ move the cursor over the tokens to inspect one", "grey50"))
             return
