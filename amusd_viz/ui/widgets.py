@@ -189,7 +189,7 @@ class StatsPanel(Static):
         """The run's statistics (`ar_ms`: an ar run's on this prompt, where one ran; the token
         count is the header's, drawn from the same state)."""
         table = Table.grid(padding=(0, 1))
-        table.add_column(style="grey50")
+        table.add_column(style="grey50", no_wrap=True)  # values wrap, labels never
         table.add_column(justify="right")
 
         def pct(x):
