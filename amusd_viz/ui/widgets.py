@@ -273,7 +273,8 @@ class Inspector(Static):
                           _bar(tok.top[i], cells) if i < len(tok.top) else Text(""))
         reasons = [r for r in (lookup_source(state, proposal), cache_source(state, tok),
                                why(state, tok)) if r is not None]
-        self.update(Group(head, *reasons, table))
+        # the two top-5 lists before the reasons: where the pane is short, the prose is cut, not them
+        self.update(Group(head, table, *reasons))
 
 
 def lookup_source(state: RunState, proposal) -> Text | None:
