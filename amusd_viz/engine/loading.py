@@ -70,11 +70,11 @@ def warm_up(runner) -> None:
     """The first passes page the weights in and pick the kernels: that is loading work, and
     left in it would land in the first run's timings. On a GPU each new pass size loads kernels
     of its own the first time (0.4-1.2 s each on an H100: docs/benchmarks.md, "GPU check"), so
-    there every size up to passes.TREE_TOKENS, a tree pass and the top-k of their logits run
-    before the passes are timed. On a CPU only the first pass is dear (the prompt's prefill:
-    3 s against 0.2 for the next in bf16 here); each later size ran at its own speed the first
-    time (1, 4, 9 tokens and a tree pass, bf16 and float32, within 3%), so the timing passes
-    are the rest of the warm-up: 6 s less to load the float32 target on this host."""
+    there every size up to passes.TREE_TOKENS (each pass's top-k read with it) and a tree pass run
+    before the passes are timed. On a CPU only the first pass is dear (the prefill: 2.2 s
+    against 0.23 for the next, the bf16 draft here); each later size ran at its own speed the
+    first time (1, 4, 9 tokens and a tree pass, bf16 and float32, within 3%), so the timing
+    passes are the rest of the warm-up: 6 s less to load the float32 target on this host."""
     from amusd_viz.engine.passes import TREE_TOKENS
 
     warm = list(range(WARM_UP_TOKENS))
@@ -83,8 +83,7 @@ def warm_up(runner) -> None:
     if str(runner.device).startswith("cuda"):
         for n_logits in range(1, TREE_TOKENS + 1):
             warm = [*warm, len(warm)]
-            logits, *_ = runner.forward(warm, n_logits)
-            runner.tops(logits)
+            runner.forward(warm, n_logits)  # its top-k read included (Runner.read)
         runner.forward(warm, 3, paths=[(len(warm) - 2, [5, 6])])  # a tree pass
     runner.cost = pass_cost(runner, warm)
     runner.reset()

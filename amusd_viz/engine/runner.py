@@ -179,19 +179,11 @@ class Runner:
     def vocab(self) -> int:
         return int(self.model.config.vocab_size)
 
-    def top(self, logits_row: torch.Tensor) -> list[dict]:
-        """The top candidates at one position, with probabilities and raw logits (the bench's
-        near-tie rule needs the logits: amusd_viz/lossless.py)."""
-        return self.tops(logits_row[None])[0]
-
-    def tops(self, rows: torch.Tensor) -> list[list[dict]]:
-        """`top` for every row of [n, vocab] logits, with one copy to the host."""
-        return self.rows_to_host(rows).tops
-
     def rows_to_host(self, rows: torch.Tensor, tops: bool = True) -> HostRows:
-        """Each row's argmax, finiteness and (with `tops`) top candidates, packed into one copy
-        to the host (before: a copy each for the finite check, the argmax and the top-k, three
-        host synchronisations a pass on a GPU)."""
+        """Each row's argmax, finiteness and (with `tops`) top candidates, with probabilities
+        and raw logits (the bench's near-tie rule needs the logits: amusd_viz/lossless.py),
+        packed into one copy to the host (before: a copy each for the finite check, the argmax
+        and the top-k, three host synchronisations a pass on a GPU)."""
         rows = rows.float()
         k = self.top_k if tops else 0
         p, idx = torch.topk(torch.softmax(rows, dim=-1), k, dim=-1) if k else (rows[:, :0],) * 2
